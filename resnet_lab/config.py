@@ -1,0 +1,170 @@
+"""Typed schemas of the composed config, registered in Hydra's ConfigStore, and their checks.
+
+OmegaConf checks types and key names while Hydra composes; `validate` checks what types cannot
+say (ranges, choices, cross-field rules) before anything is built.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from resnet_lab.errors import UserError, closest
+
+
+@dataclass
+class ModelConfig:
+    # Architecture knobs left at None take the named variant's own value.
+    name: str = MISSING
+    width: Optional[int] = None
+    layers: Optional[List[int]] = None
+    block: Optional[str] = None
+    stem: Optional[str] = None
+    zero_init_residual: Optional[bool] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "data"
+    download: bool = True
+    augment: str = "none"
+    # synthetic: the shape and size of the random data.
+    channels: int = 3
+    image_size: int = 32
+    num_classes: int = 10
+    train_size: int = 512
+    test_size: int = 128
+    # image_folder: optional square resize, and loader workers.
+    resize: Optional[int] = None
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedConfig:
+    name: str = "none"
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.01
+    min_lr: float = 0.0
+    # step: lr *= gamma at each milestone, given as fractions of the whole training.
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
+    pct_start: float = 0.3
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"
+    # None: the measured default for the device the run lands on (see resnet_lab.device).
+    precision: Optional[str] = None
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    compile_mode: str = "default"
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 2
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    # 0 means every batch; a positive number cuts each epoch short (smoke runs).
+    limit_train_batches: int = 0
+    limit_eval_batches: int = 0
+    deterministic: bool = False
+    progress: bool = True
+    save_weights: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+CHOICES = {
+    "dataset.augment": ("none", "flip_crop"),
+    "sched.name": ("none", "cosine", "step", "onecycle"),
+    "device.type": ("auto", "cpu", "cuda", "mps"),
+    "device.precision": (None, "fp32", "bf16", "fp16"),
+    "device.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+}
+
+# key: (smallest allowed, whether the bound itself is allowed)
+BOUNDS = {
+    "optim.lr": (0, False),
+    "optim.weight_decay": (0, True),
+    "optim.momentum": (0, True),
+    "sched.warmup_epochs": (0, True),
+    "sched.min_lr": (0, True),
+    "trainer.epochs": (1, True),
+    "trainer.batch_size": (1, True),
+    "trainer.eval_batch_size": (1, True),
+    "trainer.limit_train_batches": (0, True),
+    "trainer.limit_eval_batches": (0, True),
+    "model.width": (1, True),
+    "dataset.channels": (1, True),
+    "dataset.image_size": (1, True),
+    "dataset.num_classes": (2, True),
+    "dataset.train_size": (1, True),
+    "dataset.test_size": (1, True),
+    "dataset.num_workers": (0, True),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Raise UserError naming the key, the bad value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise UserError(f"{key}={value}: must be one of {shown}{closest(value, allowed)}")
+    for key, (low, inclusive) in BOUNDS.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive):
+            rule = f">= {low}" if inclusive else f"> {low}"
+            raise UserError(f"{key}={value}: must be {rule}")
+    if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
+        raise UserError(
+            f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
+            f"trainer.epochs={cfg.trainer.epochs}"
+        )
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
+        raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
+    if not all(0 < m < 1 for m in cfg.sched.milestones):
+        raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")

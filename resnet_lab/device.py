@@ -1,0 +1,66 @@
+"""Where and how the model runs: device, precision, memory format, compilation."""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from resnet_lab.errors import UserError
+
+# Defaults for settings left null, per device, chosen from measurements (README, "Speed"):
+# on the 2-core AVX2 CPU channels_last gave +10-15% and bf16 (no bf16 units) was slower than
+# fp32; on CUDA, bf16 autocast and channels_last feed the tensor cores.
+DEFAULTS = {
+    "cpu": {"precision": "fp32", "channels_last": True},
+    "cuda": {"precision": "bf16", "channels_last": True},
+    "mps": {"precision": "fp32", "channels_last": False},
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str
+    channels_last: bool
+    compile: bool
+    compile_mode: str
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; a disabled scaler passes everything through.
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def _available(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return kind == "cpu"
+
+
+def resolve(cfg) -> Runtime:
+    kind = cfg.type
+    if kind == "auto":
+        kind = next(k for k in ("cuda", "mps", "cpu") if _available(k))
+    elif not _available(kind):
+        raise UserError(f"device={kind}: no {kind} device is available here; use device=auto or device=cpu")
+    defaults = DEFAULTS[kind]
+    precision = cfg.precision or defaults["precision"]
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("device.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
+    if kind == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    channels_last = defaults["channels_last"] if cfg.channels_last is None else cfg.channels_last
+    return Runtime(torch.device(kind), precision, channels_last, cfg.compile, cfg.compile_mode)

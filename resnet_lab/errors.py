@@ -1,0 +1,61 @@
+"""Errors a user can cause and fix: reported as one line, without a traceback."""
+
+import difflib
+
+
+class UserError(Exception):
+    """A mistake in the config, the data or a checkpoint that the user can correct."""
+
+
+def closest(name, choices) -> str:
+    """' (did you mean X?)' when one of choices is close to name, else ''."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def _schema_keys(full_key: str):
+    """The keys allowed beside full_key's last part, from the schema dataclasses."""
+    import dataclasses
+
+    from resnet_lab.config import Config
+
+    node = Config
+    for part in full_key.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = fields[part].type
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def describe(e: BaseException):
+    """One line for an error the user caused, or None for a bug (which keeps its traceback)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        if group:
+            return (f"{group}={option}: no such option{closest(option, e.options)}; "
+                    f"choose from: {', '.join(e.options)}")
+        return _first_line(e)
+    cause = e.__cause__
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        key = cause.full_key
+        allowed = _schema_keys(key)
+        name = key.rpartition(".")[2]
+        where = key.rpartition(".")[0] or "the top level"
+        return (f"{key}: no such key{closest(name, allowed)}; {where} has: {', '.join(allowed)}")
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, ValidationError):
+        return f"{cause.full_key}: {_first_line(cause)}"
+    if isinstance(e, OverrideParseException):
+        return f"could not parse the command-line overrides: {_first_line(e)}"
+    if isinstance(e, ConfigCompositionException):
+        return " ".join(filter(None, [_first_line(e), _first_line(cause) if cause else ""]))
+    return None

@@ -1,0 +1,3 @@
+from resnet_lab.registry import Registry
+
+MODELS = Registry("model")

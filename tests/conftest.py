@@ -1,0 +1,71 @@
+"""Shared fixtures: small data sets in the real on-disk formats, and an offline environment."""
+
+import os
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests never reach the network and never log to a W&B server.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format torchvision's MNIST parser reads: magic, big-endian sizes, raw bytes."""
+    kind = {1: 0x801, 3: 0x803}[array.ndim]
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", kind))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def make_images(n: int, classes: int, shape, seed: int):
+    """Noise plus a class-dependent brightness, so a tiny model can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    images = rng.integers(0, 128, (n, *shape)) + (labels * 12).reshape(-1, *[1] * len(shape))
+    return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_mnist_like(root: Path, folder: str = "FashionMNIST", n_train: int = 320, n_test: int = 80) -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = make_images(n, 10, (28, 28), seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def write_cifar_like(root: Path, classes: int = 10, n_per_batch: int = 40) -> Path:
+    """torchvision's CIFAR layout: pickled dicts of flat uint8 rows (N x 3072) and labels."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if classes == 10 else torchvision.datasets.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if classes == 10 else "fine_labels"
+    for i, (name, _) in enumerate(cls.train_list + cls.test_list):
+        images, labels = make_images(n_per_batch, classes, (3, 32, 32), seed=10 + i)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": images.reshape(n_per_batch, -1), label_key: labels.tolist()}, f)
+    names_key = cls.meta["key"]
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({names_key: [f"class{i}" for i in range(classes)]}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory) -> Path:
+    return write_mnist_like(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,93 @@
+"""The command line end to end: a real run in a subprocess, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from resnet_lab.__main__ import main
+
+TINY = ["model.width=8", "trainer.epochs=1", "trainer.batch_size=32", "trainer.eval_batch_size=64",
+        "dataset.download=false", "device=cpu"]
+
+
+def test_default_recipe_end_to_end(fmnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_lab", f"dataset.root={fmnist_root}", f"hydra.run.dir={run_dir}", *TINY],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+                            "seconds", "images_per_s"}
+    assert 0 <= rows[0]["test_acc"] <= 1 and rows[0]["images_per_s"] > 0
+    assert rows[0]["lr"] == pytest.approx(1e-3)
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["name"] == "resnet18" and config["dataset"]["name"] == "fashion_mnist"
+    assert config["optim"] == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
+                               "nesterov": False, "betas": [0.9, 0.999]}
+    assert (run_dir / "model.pt").exists()
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("epoch 1/1"))
+    for word in ("train loss", "train acc", "test acc", " s ", "img/s"):
+        assert word in line
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for group, option in [("model", "resnet50"), ("dataset", "cifar100"), ("optim", "sgd"),
+                          ("sched", "onecycle"), ("device", "mps")]:
+        assert f"{group}: " in proc.stdout and option in proc.stdout
+
+
+def run_cli(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["resnet_lab", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["optim.lr=abc"], ["optim.lr", "abc", "Float"]),
+    (["trainer.epochs=-1"], ["trainer.epochs=-1", ">= 1"]),
+    (["optim.lr=0"], ["optim.lr=0", "> 0"]),
+    (["model=resnet19"], ["model=resnet19", "resnet18", "resnet50", "did you mean"]),
+    (["dataset=nope"], ["dataset=nope", "fashion_mnist", "cifar10"]),
+    (["optim.lrr=1e-3"], ["optim.lrr", "no such key", "did you mean lr"]),
+    (["modle=resnet18"], ["modle", "did you mean model"]),
+    (["experiment=nope"], ["experiment=nope", "choose from"]),
+    (["device.precision=bf32"], ["device.precision=bf32", "fp32", "bf16", "fp16"]),
+    (["sched=cosine", "sched.warmup_epochs=3"], ["sched.warmup_epochs=3", "trainer.epochs=2"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
+])
+def test_bad_config_is_one_clear_line(args, words, tmp_path, monkeypatch, capsys):
+    code, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for word in words:
+        assert word in last
+
+
+def test_missing_data_offline_says_where_and_what(tmp_path, monkeypatch, capsys):
+    code, err = run_cli([f"dataset.root={tmp_path / 'empty'}", "dataset.download=false"],
+                        tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    for word in ("FashionMNIST/raw", "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "dataset.root"):
+        assert word in last
+
+
+def test_batch_larger_than_dataset(fmnist_root, tmp_path, monkeypatch, capsys):
+    code, err = run_cli([f"dataset.root={fmnist_root}", "dataset.download=false", "trainer.batch_size=100000"],
+                        tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "trainer.batch_size=100000" in err and "320 training images" in err
