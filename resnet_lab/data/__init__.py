@@ -1,0 +1,50 @@
+"""Dataset registry and the loaders that feed the training loop."""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from resnet_lab.data.loader import DeviceLoader, HostLoader, Loader, Normalizer, TensorSplit, channel_stats
+from resnet_lab.data.sources import DATASETS
+from resnet_lab.errors import UserError
+
+STATS_SAMPLE = 512  # images read to estimate image_folder's normalisation
+
+
+@dataclass
+class Data:
+    train: Loader
+    test: Loader
+    in_channels: int
+    num_classes: int
+
+
+def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False) -> Data:
+    """Read the dataset named by cfg.name and wrap its splits in loaders for `device`."""
+    train, test, num_classes = DATASETS.get(cfg.name)(cfg)
+    if isinstance(train, TensorSplit):
+        stats_images = train.images
+    else:
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
+        stats_images = torch.stack([train[i][0] for i in sample.tolist()])
+    if trainer.batch_size > len(train):
+        raise UserError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(train)} "
+                        f"training images of dataset {cfg.name}")
+    mean, std = channel_stats(stats_images)
+    normalizer = Normalizer(mean, std, device, channels_last)
+    if isinstance(train, TensorSplit):
+        make = DeviceLoader
+    else:
+        make = functools.partial(HostLoader, num_workers=cfg.num_workers)
+    return Data(
+        train=make(train, trainer.batch_size, normalizer, shuffle=True, seed=seed,
+                   augment=cfg.augment != "none", limit=trainer.limit_train_batches),
+        test=make(test, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
+                  limit=trainer.limit_eval_batches),
+        in_channels=stats_images.shape[1],
+        num_classes=num_classes,
+    )
+
+
+__all__ = ["DATASETS", "Data", "build_data"]

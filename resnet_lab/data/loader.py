@@ -1,0 +1,133 @@
+"""Batches on the training device: uint8 images in, normalised (and augmented) float batches out.
+
+Every batch is a pure function of (seed, epoch, batch index), so a run resumed mid-epoch sees
+exactly the batches an uninterrupted run would have seen.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Tuple
+
+import torch
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+PAD = 4  # the standard CIFAR recipe: 4-pixel zero padding, random 32x32 crop, random flip
+
+
+@dataclass
+class TensorSplit:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def batch_seed(seed: int, epoch: int, index: int = -1) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_003 + index + 1
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units, without a float copy of all."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for part in images.split(chunk):
+        part = part.double()
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.pow(2).sum(dim=(0, 2, 3))
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return (mean / 255).float(), (std / 255).float()
+
+
+class Normalizer:
+    """uint8 batch -> float, normalised per channel, optionally flipped and cropped on the device."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                 channels_last: bool = False):
+        self.shift = (mean * 255).view(1, -1, 1, 1).to(device)
+        self.scale = (1 / (std * 255)).view(1, -1, 1, 1).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, augment_seed: int = None) -> torch.Tensor:
+        if augment_seed is not None:
+            images = self.flip_crop(images, augment_seed)
+        x = (images.float() - self.shift) * self.scale
+        return x.contiguous(memory_format=self.memory_format)
+
+    def flip_crop(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        n, c, h, w = images.shape
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        flip = torch.rand(n, device=self.device, generator=gen) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+        padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+        dy = torch.randint(0, 2 * PAD + 1, (n, 1), device=self.device, generator=gen)
+        dx = torch.randint(0, 2 * PAD + 1, (n, 1), device=self.device, generator=gen)
+        rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
+        cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)
+        chans = torch.arange(c, device=self.device).view(1, c, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+
+class Loader:
+    """Shared by both loaders: the epoch's seeded order, the batch count, and normalisation."""
+
+    def __init__(self, num_samples: int, batch_size: int, normalizer: Normalizer, *,
+                 shuffle: bool, augment: bool = False, seed: int = 0, limit: int = 0):
+        self.num_samples, self.batch_size, self.normalize = num_samples, batch_size, normalizer
+        self.shuffle, self.augment, self.seed, self.limit = shuffle, augment, seed, limit
+
+    def __len__(self) -> int:
+        n = math.ceil(self.num_samples / self.batch_size)
+        return min(n, self.limit) if self.limit else n
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=gen)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The normalised batches of one epoch, from batch index `start` on."""
+        for i, (images, labels) in enumerate(self.raw_batches(epoch, start), start):
+            seed = batch_seed(self.seed, epoch, i) if self.augment else None
+            yield self.normalize(images, seed), labels
+
+    def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class DeviceLoader(Loader):
+    """The whole split lives on the device as uint8: a batch is one indexing op, no host work."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, normalizer: Normalizer, **kw):
+        super().__init__(len(split), batch_size, normalizer, **kw)
+        self.images = split.images.to(normalizer.device)
+        self.labels = split.labels.to(normalizer.device)
+
+    def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        order = self.order(epoch).to(self.images.device, non_blocking=True)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+class HostLoader(Loader):
+    """A DataLoader over files (image_folder): workers decode to uint8, the device normalises."""
+
+    def __init__(self, dataset, batch_size: int, normalizer: Normalizer, num_workers: int = 0, **kw):
+        super().__init__(len(dataset), batch_size, normalizer, **kw)
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        order = self.order(epoch)[start * self.batch_size:len(self) * self.batch_size].tolist()
+        device = self.normalize.device
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=order,
+            num_workers=self.num_workers, pin_memory=device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -1,0 +1,139 @@
+"""Dataset registry entries: each reads its files once and returns the train and test splits.
+
+The small datasets come back as uint8 tensors (TensorSplit), to live on the training device;
+image_folder comes back as torchvision datasets, decoded by DataLoader workers.
+"""
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torchvision import datasets, transforms
+
+from resnet_lab.data.loader import TensorSplit
+from resnet_lab.errors import UserError
+from resnet_lab.registry import Registry
+
+DATASETS = Registry("dataset")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def _expected_files(cls, root: str) -> Tuple[str, list]:
+    if hasattr(cls, "resources"):  # MNIST family: the raw IDX files, stored uncompressed
+        folder = os.path.join(root, cls.__name__, "raw")
+        return folder, [os.path.basename(url).removesuffix(".gz") for url, _ in cls.resources]
+    folder = os.path.join(root, cls.base_folder)  # CIFAR: the pickled batches
+    return folder, [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _fetch(cls, cfg, folder: str, files: list) -> None:
+    """Download the missing files if allowed, else say where to put them."""
+    reason = "dataset.download=false"
+    if cfg.download:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every failed mirror
+                cls(cfg.root, train=True, download=True)
+            return
+        except Exception as e:  # noqa: BLE001  (any network failure means the same to the user)
+            detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            reason = f"the download failed ({detail[:200] or type(e).__name__})"
+    raise UserError(
+        f"dataset {cfg.name}: files not found in {folder} ({', '.join(files)}) and {reason}; "
+        f"place those files there, or set dataset.root to the folder that holds "
+        f"{os.path.relpath(folder, cfg.root)}"
+    )
+
+
+def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
+    """One split as uint8 N x C x H x W, and the number of classes."""
+    folder, files = _expected_files(cls, cfg.root)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        _fetch(cls, cfg, folder, files)
+    try:
+        ds = cls(cfg.root, train=train, download=False)
+        images = torch.as_tensor(ds.data)
+        labels = torch.as_tensor(ds.targets, dtype=torch.long)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    except Exception as e:  # noqa: BLE001  (a parser or checksum failing on bad bytes)
+        raise UserError(
+            f"dataset {cfg.name}: could not read the files in {folder} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); they may be truncated or corrupt: delete them "
+            f"and download again"
+        ) from e
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return TensorSplit(images.contiguous(), labels), len(ds.classes)
+
+
+def _torchvision(name: str, cls):
+    def load(cfg):
+        (train, num_classes), (test, _) = _load(cls, cfg, True), _load(cls, cfg, False)
+        return train, test, num_classes
+
+    DATASETS.register(name)(load)
+
+
+for _name, _cls in [("fashion_mnist", datasets.FashionMNIST), ("mnist", datasets.MNIST),
+                    ("kmnist", datasets.KMNIST), ("cifar10", datasets.CIFAR10),
+                    ("cifar100", datasets.CIFAR100)]:
+    _torchvision(_name, _cls)
+
+
+@DATASETS.register()
+def synthetic(cfg):
+    """Random images and labels of any shape: a full code path with no data on disk."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> TensorSplit:
+        images = torch.randint(0, 256, (n, cfg.channels, cfg.image_size, cfg.image_size),
+                               dtype=torch.uint8, generator=gen)
+        return TensorSplit(images, torch.randint(0, cfg.num_classes, (n,), generator=gen))
+
+    return split(cfg.train_size), split(cfg.test_size), cfg.num_classes
+
+
+def _image_files(folder: Path):
+    return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+@DATASETS.register()
+def image_folder(cfg):
+    """root/class/*.png, or root/train/class/... with root/test (or root/val) beside it."""
+    from PIL import Image
+
+    root = Path(cfg.root)
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    train_dir = root / "train" if test_dir is not None and (root / "train").is_dir() else root
+    files = _image_files(train_dir)
+    if not files:
+        raise UserError(f"dataset image_folder: no images under {train_dir} "
+                        f"(expected {train_dir}/<class>/<image>.png)")
+    if cfg.resize is None:
+        sizes = {}
+        for path in files:
+            with Image.open(path) as im:
+                sizes.setdefault(im.size, path)
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h} ({p.name})" for (w, h), p in list(sizes.items())[:3])
+            raise UserError(f"dataset image_folder: images of different sizes: {shown}; "
+                            f"set dataset.resize=<pixels> to resize them all to one square size")
+    steps = [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
+    transform = transforms.Compose(steps + [transforms.PILToTensor()])
+    train = datasets.ImageFolder(str(train_dir), transform=transform)
+    num_classes = len(train.classes)
+    if test_dir is not None:
+        test = datasets.ImageFolder(str(test_dir), transform=transform)
+        if test.classes != train.classes:
+            raise UserError(f"dataset image_folder: {test_dir} has classes {test.classes}, "
+                            f"{train_dir} has {train.classes}; they must match")
+    else:
+        # No test split on disk: hold out a fixed 10% (at least one image), the same every run.
+        n_test = max(1, len(train) // 10)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        train, test = (torch.utils.data.Subset(train, perm[n_test:]),
+                       torch.utils.data.Subset(train, perm[:n_test]))
+    return train, test, num_classes
