@@ -15,12 +15,18 @@ from resnet_lab.errors import UserError, closest
 
 @dataclass
 class ModelConfig:
-    # Architecture knobs left at None take the named variant's own value.
+    # Architecture knobs left at None take the named variant's own value; README.md's Models
+    # section says what each means, resnet_lab/models/__init__.py checks their values.
     name: str = MISSING
     width: Optional[int] = None
+    widen: Optional[int] = None
     layers: Optional[List[int]] = None
     block: Optional[str] = None
     stem: Optional[str] = None
+    shortcut: Optional[str] = None
+    groups: Optional[int] = None
+    width_per_group: Optional[int] = None
+    dropout: Optional[float] = None
     zero_init_residual: Optional[bool] = None
 
 

@@ -45,13 +45,16 @@ def test_groups_are_discovered():
     assert len(GROUPS["dataset"]) == 7 and len(GROUPS["optim"]) == 3 and len(GROUPS["sched"]) == 4
 
 
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
 @pytest.mark.parametrize("model", GROUPS["model"])
-def test_every_model_builds_and_trains_a_step(model):
-    cfg = composed(f"model={model}", "model.width=8")
-    net = build_model(cfg.model, in_channels=1, num_classes=10)
-    out = net(torch.randn(2, 1, 28, 28))
-    assert out.shape == (2, 10)
-    out.sum().backward()
+def test_every_model_builds_and_trains_a_step(model, stem):
+    cfg = composed(f"model={model}", "model.width=8", f"model.stem={stem}")
+    for channels, size in ((1, 28), (3, 32)):
+        net = build_model(cfg.model, in_channels=channels, num_classes=10)
+        out = net(torch.randn(2, channels, size, size))
+        assert out.shape == (2, 10)
+        out.sum().backward()
+        assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize("dataset", GROUPS["dataset"])

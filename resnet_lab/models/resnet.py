@@ -1,142 +1,427 @@
-"""One ResNet definition (He et al. 2015); the named variants below are configurations of it.
+"""One ResNet definition; every named variant below is a configuration of it.
 
-Module names follow torchvision's resnet.py (conv1, bn1, layer1..4, downsample, fc), so its
-state dicts load unchanged.
+Module names follow torchvision's resnet.py (conv1, bn1, layer1..N, downsample, fc), and modules
+are registered in its order, so its state dicts load unchanged and one seed gives the same
+initial weights.
 """
 
-from typing import List, Sequence, Type, Union
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from resnet_lab.errors import UserError
 from resnet_lab.models.registry import MODELS
 
+STEMS = ("imagenet", "cifar")
+SHORTCUTS = ("A", "B", "C")
 
-def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride, padding=1, groups=groups, bias=False)
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=1, groups=groups, bias=bias)
 
 
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+def conv1x1(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=bias)
+
+
+class PadShortcut(nn.Module):
+    """Shortcut option A: the identity, subsampled by the stride, with zero channels appended."""
+
+    def __init__(self, extra_channels: int, stride: int):
+        super().__init__()
+        self.extra_channels, self.stride = extra_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra_channels))
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    shortcut: str = "B"
+    groups: int = 1
+    width_per_group: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+    # BN after a post-activation block's 1x1 projection (torchvision) or not (the d2l script).
+    # Pre-activation blocks never have one: the next block's BN normalises the sum.
+    projection_norm: bool = True
+    # Pre-activation blocks: BN-ReLU the input. The network's first block gets it from the stem.
+    preactivate: bool = True
+
+
+def make_shortcut(opts: BlockOptions, cin: int, cout: int, stride: int, norm: bool) -> Optional[nn.Module]:
+    """He et al. 2015, section 3.3: A pads where the shape changes, B projects there, C projects
+    in every block. None is the plain identity."""
+    reshapes = stride != 1 or cin != cout
+    if opts.shortcut == "C" or (opts.shortcut == "B" and reshapes):
+        projection = conv1x1(cin, cout, stride, bias=opts.bias)
+        return nn.Sequential(projection, nn.BatchNorm2d(cout)) if norm else nn.Sequential(projection)
+    return PadShortcut(cout - cin, stride) if reshapes else None
+
+
+def make_dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p else nn.Identity()
+
+
+def bottleneck_width(planes: int, opts: BlockOptions) -> int:
+    """The 3x3 conv's channels: torchvision's rule, which ResNeXt and wide_resnet50_2 configure.
+    At least one channel per group, so narrow smoke-test ResNeXts still build."""
+    return max(1, int(planes * opts.width_per_group / 64)) * opts.groups
+
+
+def check_no_groups(opts: BlockOptions) -> None:
+    if opts.groups != 1 or opts.width_per_group != 64:
+        raise UserError(f"model.groups={opts.groups}, model.width_per_group={opts.width_per_group}: "
+                        "basic blocks take only 1 and 64; grouped convs need a bottleneck block")
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convs; BN after each, ReLU after the first and after the sum (He et al. 2015)."""
+
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module = None,
-                 groups: int = 1, base_width: int = 64):
+    def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
-        if groups != 1 or base_width != 64:
-            raise ValueError("basic blocks take no groups or width_per_group (use bottleneck)")
-        self.conv1 = conv3x3(cin, planes, stride)
+        check_no_groups(opts)
+        self.conv1 = conv3x3(cin, planes, stride, bias=opts.bias)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.dropout = make_dropout(opts.dropout)
+        self.conv2 = conv3x3(planes, planes, bias=opts.bias)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
+        self.downsample = make_shortcut(opts, cin, planes, stride, opts.projection_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(self.dropout(out)))
         return self.relu(out + identity)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
 
 
 class Bottleneck(nn.Module):
-    # The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision.
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand; the stride sits on the 3x3 (ResNet
+    v1.5), as in torchvision."""
+
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module = None,
-                 groups: int = 1, base_width: int = 64):
+    def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(cin, width)
+        width = bottleneck_width(planes, opts)
+        self.conv1 = conv1x1(cin, width, bias=opts.bias)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, stride, opts.groups, bias=opts.bias)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.dropout = make_dropout(opts.dropout)
+        self.conv3 = conv1x1(width, planes * self.expansion, bias=opts.bias)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
+        self.downsample = make_shortcut(opts, cin, planes * self.expansion, stride, opts.projection_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.bn3(self.conv3(self.dropout(out)))
         return self.relu(out + identity)
 
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-STEMS = ("imagenet", "cifar")
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016): BN-ReLU before each 3x3 conv, nothing after
+    the sum. A reshaping shortcut takes the activated input, as in the paper's code; with dropout
+    between the convs it is the WRN block (Zagoruyko & Komodakis 2016)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
+        super().__init__()
+        check_no_groups(opts)
+        self.bn1 = nn.BatchNorm2d(cin) if opts.preactivate else None
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv3x3(cin, planes, stride, bias=opts.bias)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = make_dropout(opts.dropout)
+        self.conv2 = conv3x3(planes, planes, bias=opts.bias)
+        self.downsample = make_shortcut(opts, cin, planes, stride, norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.bn1 is None else self.relu(self.bn1(x))
+        identity = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return out + identity
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv2.weight)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck (He et al. 2016, ResNet-164): BN-ReLU before each conv."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
+        super().__init__()
+        width = bottleneck_width(planes, opts)
+        self.bn1 = nn.BatchNorm2d(cin) if opts.preactivate else None
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv1x1(cin, width, bias=opts.bias)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, opts.groups, bias=opts.bias)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.dropout = make_dropout(opts.dropout)
+        self.conv3 = conv1x1(width, planes * self.expansion, bias=opts.bias)
+        self.downsample = make_shortcut(opts, cin, planes * self.expansion, stride, norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.bn1 is None else self.relu(self.bn1(x))
+        identity = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.dropout(self.relu(self.bn3(out))))
+        return out + identity
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck,
+          "preact": PreActBlock, "preact_bottleneck": PreActBottleneck}
+PREACT = (PreActBlock, PreActBottleneck)
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers: Sequence[int], block: str = "basic", width: int = 64,
-                 stem: str = "imagenet", in_channels: int = 3, num_classes: int = 1000,
-                 groups: int = 1, width_per_group: int = 64, zero_init_residual: bool = False):
+    """Stem, stages of residual blocks, global average pool, linear head.
+
+    Stage i holds layers[i] blocks of width * widen * 2**i planes (times the block's expansion at
+    its output); every stage but the first halves the resolution in its first block. The stem is
+    conv-BN-ReLU, 7x7/2 plus a 3x3/2 max-pool ("imagenet") or 3x3/1 ("cifar"). Pre-activation
+    networks take their first block's BN-ReLU from the stem and end in BN-ReLU before the pool,
+    as fb.resnet.torch's preresnet does.
+
+    The arguments are the config's model knobs, plus three that only named variants set: conv
+    biases (bias), BN on post-activation projections (projection_norm), and init ("kaiming":
+    torchvision's He-normal fan-out convs; "pytorch": each layer's own default).
+    """
+
+    def __init__(self, layers: Sequence[int], block: str = "basic", width: int = 64, widen: int = 1,
+                 stem: str = "imagenet", shortcut: str = "B", groups: int = 1, width_per_group: int = 64,
+                 dropout: float = 0.0, zero_init_residual: bool = False, in_channels: int = 3,
+                 num_classes: int = 1000, bias: bool = False, projection_norm: bool = True,
+                 init: str = "kaiming"):
         super().__init__()
-        block_cls: Type[Union[BasicBlock, Bottleneck]] = BLOCKS[block]
-        self.groups, self.base_width = groups, width_per_group
+        block_cls = BLOCKS[block]
+        opts = BlockOptions(shortcut, groups, width_per_group, dropout, bias, projection_norm)
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, padding=3, bias=bias)
             self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         else:
-            self.conv1 = conv3x3(in_channels, width)
+            self.conv1 = conv3x3(in_channels, width, bias=bias)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.inplanes = width
-        stages: List[nn.Module] = []
-        for i, n in enumerate(layers):
-            stages.append(self._make_stage(block_cls, width * 2**i, n, stride=1 if i == 0 else 2))
-        self.layer1, self.layer2, self.layer3, self.layer4 = (stages + [nn.Identity()] * 4)[:4]
+
+        cin = width
+        self.stages = [f"layer{i + 1}" for i in range(len(layers))]
+        for i, (name, depth) in enumerate(zip(self.stages, layers)):
+            planes = width * widen * 2**i
+            blocks = []
+            for j in range(depth):
+                # The stem's BN-ReLU pre-activates the first block.
+                block_opts = replace(opts, preactivate=False) if i == j == 0 else opts
+                blocks.append(block_cls(cin, planes, 2 if i > 0 and j == 0 else 1, block_opts))
+                cin = planes * block_cls.expansion
+            setattr(self, name, nn.Sequential(*blocks))
+        self.final_act = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+                          if block_cls in PREACT else nn.Identity())
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(self.inplanes, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            # Each residual branch starts as zero, so every block starts as the identity.
+        if init == "kaiming":
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
-
-    def _make_stage(self, block_cls, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block_cls.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block_cls.expansion, stride),
-                nn.BatchNorm2d(planes * block_cls.expansion),
-            )
-        layers = [block_cls(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
-        self.inplanes = planes * block_cls.expansion
-        layers += [block_cls(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
-                   for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as zero, so every block starts as (nearly) the identity.
+            for m in self.modules():
+                if isinstance(m, tuple(BLOCKS.values())):
+                    m.zero_init_last()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return self.fc(torch.flatten(self.avgpool(self.final_act(x)), 1))
 
+
+# ImageNet layout (He et al. 2015; torchvision): 4 stages of 64-128-256-512 planes, projections
+# where the shape changes.
 
 @MODELS.register()
 def resnet18(**kw) -> ResNet:
-    return ResNet(**{"layers": [2, 2, 2, 2], "block": "basic", **kw})
+    """ResNet-18, He et al. 2015"""
+    return ResNet(**{"layers": [2, 2, 2, 2], **kw})
 
 
 @MODELS.register()
 def resnet34(**kw) -> ResNet:
-    return ResNet(**{"layers": [3, 4, 6, 3], "block": "basic", **kw})
+    """ResNet-34, He et al. 2015"""
+    return ResNet(**{"layers": [3, 4, 6, 3], **kw})
 
 
 @MODELS.register()
 def resnet50(**kw) -> ResNet:
+    """ResNet-50, He et al. 2015 (v1.5: stride on the 3x3)"""
     return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", **kw})
+
+
+@MODELS.register()
+def resnet101(**kw) -> ResNet:
+    """ResNet-101, He et al. 2015 (v1.5)"""
+    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", **kw})
+
+
+@MODELS.register()
+def resnet152(**kw) -> ResNet:
+    """ResNet-152, He et al. 2015 (v1.5)"""
+    return ResNet(**{"layers": [3, 8, 36, 3], "block": "bottleneck", **kw})
+
+
+@MODELS.register()
+def resnext50_32x4d(**kw) -> ResNet:
+    """ResNeXt-50 32x4d, Xie et al. 2017"""
+    return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", "groups": 32, "width_per_group": 4, **kw})
+
+
+@MODELS.register()
+def resnext101_32x8d(**kw) -> ResNet:
+    """ResNeXt-101 32x8d, Xie et al. 2017"""
+    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "groups": 32, "width_per_group": 8, **kw})
+
+
+@MODELS.register()
+def resnext101_64x4d(**kw) -> ResNet:
+    """ResNeXt-101 64x4d, Xie et al. 2017"""
+    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "groups": 64, "width_per_group": 4, **kw})
+
+
+@MODELS.register()
+def wide_resnet50_2(**kw) -> ResNet:
+    """Wide ResNet-50-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck 3x3)"""
+    return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", "width_per_group": 128, **kw})
+
+
+@MODELS.register()
+def wide_resnet101_2(**kw) -> ResNet:
+    """Wide ResNet-101-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck 3x3)"""
+    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "width_per_group": 128, **kw})
+
+
+@MODELS.register()
+def resnet18_d2l(**kw) -> ResNet:
+    """ResNet-18 as d2l.ai builds it, the starting-point script's network
+
+    Conv biases, 1x1 projections without BN, PyTorch's default initialisation.
+    """
+    return ResNet(**{"layers": [2, 2, 2, 2], "bias": True, "projection_norm": False, "init": "pytorch", **kw})
+
+
+# CIFAR layout (He et al. 2015, section 4.2): a 3x3 stem, 3 stages of 16-32-64 planes,
+# 6n+2 layers, parameter-free option-A shortcuts.
+CIFAR = {"width": 16, "stem": "cifar", "shortcut": "A"}
+
+
+@MODELS.register()
+def resnet20(**kw) -> ResNet:
+    """ResNet-20 (n=3), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [3, 3, 3], **kw})
+
+
+@MODELS.register()
+def resnet32(**kw) -> ResNet:
+    """ResNet-32 (n=5), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [5, 5, 5], **kw})
+
+
+@MODELS.register()
+def resnet44(**kw) -> ResNet:
+    """ResNet-44 (n=7), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [7, 7, 7], **kw})
+
+
+@MODELS.register()
+def resnet56(**kw) -> ResNet:
+    """ResNet-56 (n=9), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [9, 9, 9], **kw})
+
+
+@MODELS.register()
+def resnet110(**kw) -> ResNet:
+    """ResNet-110 (n=18), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [18, 18, 18], **kw})
+
+
+@MODELS.register()
+def resnet1202(**kw) -> ResNet:
+    """ResNet-1202 (n=200), He et al. 2015, section 4.2"""
+    return ResNet(**{**CIFAR, "layers": [200, 200, 200], **kw})
+
+
+# Pre-activation (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+@MODELS.register()
+def preact_resnet18(**kw) -> ResNet:
+    """Pre-activation ResNet-18, He et al. 2016 (ImageNet layout)"""
+    return ResNet(**{"layers": [2, 2, 2, 2], "block": "preact", **kw})
+
+
+@MODELS.register()
+def preact_resnet34(**kw) -> ResNet:
+    """Pre-activation ResNet-34, He et al. 2016 (ImageNet layout)"""
+    return ResNet(**{"layers": [3, 4, 6, 3], "block": "preact", **kw})
+
+
+@MODELS.register()
+def preact_resnet110(**kw) -> ResNet:
+    """Pre-activation ResNet-110, He et al. 2016 (CIFAR layout, option A)"""
+    return ResNet(**{**CIFAR, "layers": [18, 18, 18], "block": "preact", **kw})
+
+
+@MODELS.register()
+def preact_resnet164(**kw) -> ResNet:
+    """Pre-activation ResNet-164, He et al. 2016 (CIFAR layout, bottleneck, projections)"""
+    return ResNet(**{**CIFAR, "layers": [18, 18, 18], "block": "preact_bottleneck", "shortcut": "B", **kw})
+
+
+# Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k is the CIFAR layout with pre-activation
+# blocks, (d-4)/6 per stage, k times wider stages, and dropout between the convs as a knob.
+WRN = {"width": 16, "stem": "cifar", "block": "preact"}
+
+
+@MODELS.register()
+def wrn_16_8(**kw) -> ResNet:
+    """WRN-16-8, Zagoruyko & Komodakis 2016"""
+    return ResNet(**{**WRN, "layers": [2, 2, 2], "widen": 8, **kw})
+
+
+@MODELS.register()
+def wrn_28_10(**kw) -> ResNet:
+    """WRN-28-10, Zagoruyko & Komodakis 2016"""
+    return ResNet(**{**WRN, "layers": [4, 4, 4], "widen": 10, **kw})
+
+
+@MODELS.register()
+def wrn_40_4(**kw) -> ResNet:
+    """WRN-40-4, Zagoruyko & Komodakis 2016"""
+    return ResNet(**{**WRN, "layers": [6, 6, 6], "widen": 4, **kw})
