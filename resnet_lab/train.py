@@ -36,6 +36,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as cfg says, writing into run_dir; returns the final test accuracy."""
     validate(cfg)
+    with Tracker(run_dir, cfg) as tracker:
+        return fit(cfg, run_dir, tracker)
+
+
+def fit(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> float:
+    began = time.perf_counter()
     runtime = device_setup.resolve(cfg.device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
@@ -44,7 +50,6 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
     scaler = runtime.grad_scaler()
-    tracker = Tracker(run_dir, cfg.trainer.epochs)
 
     params = sum(p.numel() for p in model.parameters())
     log.info(f"{cfg.model.name} ({params:,} parameters) on {cfg.dataset.name} "
@@ -56,8 +61,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     for epoch in range(1, cfg.trainer.epochs + 1):
         start = time.perf_counter()
         with EpochProgress(cfg.trainer.progress, epoch, cfg.trainer.epochs, len(data.train)) as bar:
+            def on_step(step, loss):
+                bar.advance()
+                tracker.step((epoch - 1) * len(data.train) + step + 1, loss)
+
             train_metrics = train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime,
-                                        epoch, on_step=lambda step, loss: bar.advance())
+                                        epoch, on_step=on_step)
         seconds = time.perf_counter() - start
         images = train_metrics.pop("images")
         metrics = {"epoch": epoch, **train_metrics, **evaluate(forward, data.test, runtime),
@@ -66,6 +75,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         tracker.epoch(metrics)
     if cfg.trainer.save_weights:
         torch.save(model.state_dict(), run_dir / "model.pt")
+        tracker.weights(run_dir / "model.pt")
+    tracker.finish({"params": params, "total_seconds": time.perf_counter() - began})
     return metrics["test_acc"]
 
 
