@@ -1,6 +1,7 @@
 """Wiring: the Hydra task that builds the parts named by the config and runs the epochs."""
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from resnet_lab import device as device_setup
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import build_data
 from resnet_lab.engine import evaluate, train_epoch
+from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.tracking import EpochProgress, Tracker
@@ -73,6 +75,10 @@ def fit(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> float:
                    "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                    "images_per_s": images / seconds}
         tracker.epoch(metrics)
+        if not math.isfinite(metrics["train_loss"]):
+            # A failed job, not a NaN result: Optuna then marks the trial failed and goes on.
+            raise UserError(f"training diverged: train loss {metrics['train_loss']} in epoch {epoch}; "
+                            f"try a lower optim.lr (now {cfg.optim.lr})")
     if cfg.trainer.save_weights:
         torch.save(model.state_dict(), run_dir / "model.pt")
         tracker.weights(run_dir / "model.pt")
