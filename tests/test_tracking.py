@@ -1,6 +1,7 @@
 """The Tracker without Hydra's runtime: W&B offline runs decoded from their files, the step-loss
 sync budget, failed runs, rank gating, and how logger.mode=auto chooses."""
 
+import json
 import logging
 import os
 import subprocess
@@ -16,7 +17,7 @@ from resnet_lab.models import build_model
 from resnet_lab.tracking import Tracker
 from resnet_lab.train import train
 from tests.launch import metrics
-from tests.wandb_file import read_run
+from tests.wandb_file import read_run, records
 
 
 def cfg_with(*overrides):
@@ -86,6 +87,25 @@ def test_the_step_loss_is_read_only_every_n_steps(tmp_path, logger):
     assert [(h["global_step"], h["train_loss_step"]) for h in run.history if "train_loss_step" in h] == [
         (3, 0.5), (6, 0.5), (9, 0.5)]
     assert [h["global_step"] for h in run.history if "epoch" in h] == [10]
+
+
+def test_resuming_continues_the_same_wandb_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(tmp_path, cfg_with()) as first:
+            first.epoch(epoch_row(1, 0.3))
+            raise KeyboardInterrupt
+    assert (tmp_path / "status").read_text() == "failed\n"
+    with Tracker(tmp_path, cfg_with(), resume_id=first.run_id) as second:
+        second.epoch(epoch_row(2, 0.6))
+        second.finish({})
+    assert second.run_id == first.run_id
+    # Offline, each start writes its own offline-run-<second>-<id> folder; `wandb sync` joins them by id.
+    last = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))[-1]
+    assert next(r.run for r in records(last) if r.WhichOneof("record_type") == "run").run_id == first.run_id
+    epochs = [json.loads(i.value_json) for r in records(last) if r.WhichOneof("record_type") == "history"
+              for i in r.history.item if i.key == "epoch" or list(i.nested_key) == ["epoch"]]
+    assert epochs[-1] == 2
+    assert (tmp_path / "status").read_text() == "finished\n"
 
 
 def test_ranks_other_than_zero_write_nothing(tmp_path):
