@@ -96,6 +96,14 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"
+    # auto: online when a W&B API key is configured (WANDB_MODE, when set, decides), else offline.
+    mode: str = "auto"
+    project: str = "resnet_lab"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    # The training loss is read from the device (a sync) only every this many steps.
+    log_every_steps: int = 50
+    log_weights: bool = False
 
 
 @dataclass
@@ -120,6 +128,8 @@ CHOICES = {
     "device.type": ("auto", "cpu", "cuda", "mps"),
     "device.precision": (None, "fp32", "bf16", "fp16"),
     "device.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 
 # key: (smallest allowed, whether the bound itself is allowed)
@@ -141,6 +151,7 @@ BOUNDS = {
     "dataset.train_size": (1, True),
     "dataset.test_size": (1, True),
     "dataset.num_workers": (0, True),
+    "logger.log_every_steps": (1, True),
 }
 
 

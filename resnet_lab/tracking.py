@@ -1,16 +1,28 @@
-"""Where metrics go: the console (a line per epoch, a progress bar), metrics.jsonl, and loggers."""
+"""Where a run's metrics go: the console (a line per epoch, a progress bar), metrics.jsonl, the
+run's status file, and Weights & Biases (one W&B run per Hydra job, its files in the run folder)."""
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from resnet_lab.errors import UserError
 
 log = logging.getLogger("resnet_lab")
 
 METRICS_FILE = "metrics.jsonl"
+# One word: running (from the start), then finished or failed. A run killed outright stays
+# "running", which is how `compare` tells an interrupted run from a finished one.
+STATUS_FILE = "status"
+# Overrides that say where a run reads or how it logs or is swept, not what it trains: left out
+# of W&B run names and of `compare`'s columns.
+NOISE_KEYS = ("hydra", "logger", "hparams_search", "trainer.progress", "dataset.root",
+              "dataset.download", "dataset.num_workers")
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -53,14 +65,166 @@ class MetricsFile:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
+    def read(self) -> List[Dict[str, float]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def read_status(run_dir: Path) -> Optional[str]:
+    path = Path(run_dir) / STATUS_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def write_status(run_dir: Path, status: str) -> None:
+    (Path(run_dir) / STATUS_FILE).write_text(status + "\n")
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def meaningful(overrides: Sequence[str]) -> List[str]:
+    """The overrides that change what a run trains, in their order (a later one wins)."""
+    keep = []
+    for override in overrides:
+        key = override_key(override)
+        if not any(key == noise or key.startswith(noise + ".") for noise in NOISE_KEYS):
+            keep.append(override)
+    return keep
+
+
+def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
+    """(W&B group, W&B name): the sweep folder and the job's overrides, when Hydra runs this job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    run_dir = Path(run_dir).resolve()
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        # Only Hydra's current job may take its identity: train() can be called with any folder.
+        if Path(hydra.runtime.output_dir).resolve() == run_dir:
+            group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+            # Sorted, as in Hydra's override_dirname.
+            return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
+    return None, run_dir.name
+
+
+_announced_mode = False
+
+
+def choose_mode(mode: str) -> str:
+    """logger.mode=auto: WANDB_MODE when set, else online with an API key, else offline."""
+    global _announced_mode
+    if mode != "auto":
+        return mode
+    import wandb
+
+    if os.environ.get("WANDB_MODE"):
+        chosen, why = os.environ["WANDB_MODE"], "WANDB_MODE is set"
+    elif wandb.login(prompt=False, verify=False):
+        chosen, why = "online", "a W&B API key is configured"
+    else:
+        chosen, why = "offline", "no W&B API key is configured (`wandb login` to go online)"
+    if not _announced_mode:
+        log.info(f"W&B logging {chosen}: {why}; logger.mode=online/offline/disabled to choose")
+        _announced_mode = True
+    return chosen
+
 
 class Tracker:
-    """Fans each epoch's metrics out to the console and metrics.jsonl."""
+    """Fans a run's metrics out to the console, metrics.jsonl and W&B, and records how it ended.
 
-    def __init__(self, run_dir: Path, epochs: int):
-        self.metrics = MetricsFile(run_dir)
-        self.epochs = epochs
+    Use it as a context manager: a run that raises is finished as failed (W&B exit code 1), so
+    the next job of a sweep in the same process starts a clean W&B run. On DDP ranks other than
+    0 it does nothing at all.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0):
+        self.run_dir = Path(run_dir)
+        self.epochs = cfg.trainer.epochs
+        self.log_every = cfg.logger.log_every_steps
+        self.log_weights = cfg.logger.log_weights
+        self.main = rank == 0
+        self.metrics = MetricsFile(self.run_dir)
+        self.global_step = 0
+        self.finished = False
+        self.wandb = None
+        if not self.main:
+            return
+        if cfg.logger.name == "wandb":
+            self.wandb = self._open_wandb(cfg, resume_id)
+        write_status(self.run_dir, "running")
+
+    def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str]):
+        mode = choose_mode(cfg.logger.mode)
+        if mode == "disabled":
+            return None
+        import wandb
+
+        group, name = job_identity(self.run_dir)
+        try:
+            run = wandb.init(dir=self.run_dir, mode=mode, project=cfg.logger.project,
+                             entity=cfg.logger.entity, tags=list(cfg.logger.tags), group=group, name=name,
+                             job_type="train", config=OmegaConf.to_container(cfg, resolve=True),
+                             id=resume_id, resume="allow" if resume_id else None)
+        except wandb.errors.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"logger.mode={cfg.logger.mode}: W&B could not start a run: {first} "
+                            f"(logger.mode=offline logs without an account)") from e
+        # Every row carries the global step as its x axis, so a resumed run never logs "backwards".
+        run.define_metric("global_step")
+        run.define_metric("*", step_metric="global_step")
+        return run
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.wandb.id if self.wandb is not None else None
+
+    def step(self, global_step: int, loss) -> None:
+        """Called every training step; reads the loss off the device only every log_every steps."""
+        self.global_step = global_step
+        if self.wandb is not None and global_step % self.log_every == 0:
+            self.wandb.log({"global_step": global_step, "train_loss_step": loss.item()})
 
     def epoch(self, metrics: Dict[str, float]) -> None:
+        if not self.main:
+            return
         log.info(format_epoch(metrics, self.epochs))
         self.metrics.write(metrics)
+        if self.wandb is not None:
+            self.wandb.log({"global_step": self.global_step, **metrics})
+
+    def weights(self, path: Path) -> None:
+        """The final weights, kept as a W&B artifact when logger.log_weights is on."""
+        if self.wandb is not None and self.log_weights:
+            import wandb
+
+            artifact = wandb.Artifact(f"weights-{self.wandb.id}", type="model")
+            artifact.add_file(str(path))
+            self.wandb.log_artifact(artifact)
+
+    def finish(self, summary: Dict[str, float], exit_code: int = 0) -> None:
+        """Close the W&B run (failed when exit_code != 0) and write the run's final status."""
+        if self.finished or not self.main:
+            self.finished = True
+            return
+        self.finished = True
+        rows = self.metrics.read()
+        if rows:
+            summary = {"best_test_acc": max(r["test_acc"] for r in rows),
+                       "final_test_acc": rows[-1]["test_acc"], **summary}
+        try:
+            if self.wandb is not None:
+                self.wandb.summary.update(summary)
+                self.wandb.finish(exit_code=exit_code)
+                if self.wandb.offline:
+                    log.info(f"W&B run saved offline; upload it with: wandb sync {self.wandb.sync_dir}")
+        finally:
+            write_status(self.run_dir, "finished" if exit_code == 0 else "failed")
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish({}, exit_code=0 if exc_type is None else 1)

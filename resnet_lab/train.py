@@ -1,6 +1,7 @@
 """Wiring: the Hydra task that builds the parts named by the config and runs the epochs."""
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from resnet_lab import device as device_setup
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import build_data
 from resnet_lab.engine import evaluate, train_epoch
+from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.tracking import EpochProgress, Tracker
@@ -36,6 +38,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as cfg says, writing into run_dir; returns the final test accuracy."""
     validate(cfg)
+    with Tracker(run_dir, cfg) as tracker:
+        return fit(cfg, run_dir, tracker)
+
+
+def fit(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> float:
+    began = time.perf_counter()
     runtime = device_setup.resolve(cfg.device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
@@ -44,7 +52,6 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
     scaler = runtime.grad_scaler()
-    tracker = Tracker(run_dir, cfg.trainer.epochs)
 
     params = sum(p.numel() for p in model.parameters())
     log.info(f"{cfg.model.name} ({params:,} parameters) on {cfg.dataset.name} "
@@ -56,16 +63,26 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     for epoch in range(1, cfg.trainer.epochs + 1):
         start = time.perf_counter()
         with EpochProgress(cfg.trainer.progress, epoch, cfg.trainer.epochs, len(data.train)) as bar:
+            def on_step(step, loss):
+                bar.advance()
+                tracker.step((epoch - 1) * len(data.train) + step + 1, loss)
+
             train_metrics = train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime,
-                                        epoch, on_step=lambda step, loss: bar.advance())
+                                        epoch, on_step=on_step)
         seconds = time.perf_counter() - start
         images = train_metrics.pop("images")
         metrics = {"epoch": epoch, **train_metrics, **evaluate(forward, data.test, runtime),
                    "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                    "images_per_s": images / seconds}
         tracker.epoch(metrics)
+        if not math.isfinite(metrics["train_loss"]):
+            # A failed job, not a NaN result: Optuna then marks the trial failed and goes on.
+            raise UserError(f"training diverged: train loss {metrics['train_loss']} in epoch {epoch}; "
+                            f"try a lower optim.lr (now {cfg.optim.lr})")
     if cfg.trainer.save_weights:
         torch.save(model.state_dict(), run_dir / "model.pt")
+        tracker.weights(run_dir / "model.pt")
+    tracker.finish({"params": params, "total_seconds": time.perf_counter() - began})
     return metrics["test_acc"]
 
 

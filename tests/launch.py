@@ -1,0 +1,54 @@
+"""`python -m resnet_lab -m ...` inside the test process, so the basic launcher runs every job here;
+and one finished sweep that the sweep and compare tests share."""
+
+import contextlib
+import io
+import json
+import sys
+
+import pytest
+
+from resnet_lab.__main__ import main
+
+TINY = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.epochs=1",
+        "trainer.batch_size=64", "trainer.progress=false", "trainer.save_weights=false",
+        "logger.mode=offline", "logger.log_every_steps=2"]
+
+
+def multirun(where, fmnist_root, *args):
+    """(exit code, sweep folder, stdout) of a tiny multirun on the fmnist fixture, in `where`."""
+    sweep = where / "sweep"
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.chdir(where)
+        patch.setenv("HYDRA_FULL_ERROR", "0")
+        patch.setattr(sys, "argv", ["resnet_lab", "-m", f"hydra.sweep.dir={sweep}",
+                                    f"dataset.root={fmnist_root}", *TINY, *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, sweep, out.getvalue()
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+LRS = ("0.001", "0.002", "0.003")
+_grid = {}
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory, fmnist_root):
+    """Three tiny jobs over optim.lr, W&B offline, an interpolation and tags: (sweep folder, stdout).
+
+    Imported by two test modules, so pytest sees two fixtures: the cache makes it one sweep.
+    """
+    if not _grid:
+        code, sweep, out = multirun(tmp_path_factory.mktemp("grid"), fmnist_root, f"optim.lr={','.join(LRS)}",
+                                    "trainer.eval_batch_size=${trainer.batch_size}", "logger.tags=[ci,tiny]")
+        assert code == 0
+        _grid["sweep"] = sweep, out
+    return _grid["sweep"]

@@ -1,0 +1,112 @@
+"""Sweeps end to end, W&B offline: one W&B run per job under the basic launcher (all jobs in one
+process), a failing job that does not leak into the next, Optuna with a diverging trial, joblib."""
+
+import math
+
+import pytest
+import yaml
+
+from tests.launch import LRS, grid_sweep, metrics, multirun  # noqa: F401  (a fixture)
+from tests.wandb_file import read_run
+
+
+def test_each_job_of_a_multirun_is_its_own_wandb_run(grid_sweep):
+    sweep, out = grid_sweep
+    ids = set()
+    for job, lr in enumerate(LRS):
+        run_dir = sweep / str(job)
+        run = read_run(run_dir)
+        ids.add(run.run.run_id)
+        assert run.exit_code == 0
+        assert run.run.run_group == str(sweep)
+        # Hydra's override_dirname (its own value formatting), without logger.*, dataset.root, ...
+        assert run.run.display_name == (f"device=cpu,model.width=8,optim.lr={lr},trainer.batch_size=64,"
+                                        "trainer.epochs=1,trainer.eval_batch_size=$\\{trainer.batch_size\\},"
+                                        "trainer.save_weights=False")
+        assert run.run.job_type == "train" and run.run.project == "resnet_lab"
+        assert list(run.run.tags) == ["ci", "tiny"]
+        # The fully resolved config: the interpolation is a number, not "${...}".
+        assert run.config["optim"]["lr"] == float(lr) and run.config["trainer"]["eval_batch_size"] == 64
+        assert run.config["model"] == yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]
+        rows = metrics(run_dir)
+        epochs = [h for h in run.history if "epoch" in h]
+        assert [{k: h[k] for k in rows[0]} for h in epochs] == rows
+        # 320 images in batches of 64: 5 steps; the loss is read every 2nd step.
+        assert [h["global_step"] for h in run.history if "train_loss_step" in h] == [2, 4]
+        assert epochs[0]["global_step"] == 5
+        assert run.summary["final_test_acc"] == rows[-1]["test_acc"] == run.summary["best_test_acc"]
+        assert run.summary["params"] > 0 and run.summary["total_seconds"] > 0
+        assert (run_dir / "status").read_text().strip() == "finished"
+    assert len(ids) == 3
+    assert "wandb sync" in out
+
+
+def test_a_job_that_raises_fails_its_own_run_only(tmp_path, fmnist_root):
+    # 100000 images a batch is more than the data set has: the first job raises while loading.
+    code, sweep, _ = multirun(tmp_path, fmnist_root, "trainer.batch_size=100000,64")
+    assert code == 2  # Hydra's basic sweeper runs every job, then re-raises the first failure
+    failed, clean = read_run(sweep / "0"), read_run(sweep / "1")
+    assert failed.exit_code != 0 and not [h for h in failed.history if "epoch" in h]
+    assert (sweep / "0" / "status").read_text().strip() == "failed"
+    assert clean.exit_code == 0 and clean.run.run_id != failed.run.run_id
+    assert clean.config["trainer"]["batch_size"] == 64
+    assert [h["epoch"] for h in clean.history if "epoch" in h] == [1]
+    assert (sweep / "1" / "status").read_text().strip() == "finished"
+
+
+def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root):
+    # The grid sampler runs each of the three learning rates exactly once; 1e30 diverges.
+    code, sweep, out = multirun(tmp_path, fmnist_root, "hparams_search=optuna",
+                                "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                                "optim=sgd", "optim.lr=choice(0.01,0.03,1e30)", "logger=none")
+    assert code == 0
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    runs = {}
+    for d in (d for d in sweep.iterdir() if d.is_dir()):
+        lr = next(o for o in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) if o.startswith("optim.lr="))
+        runs[float(lr.split("=")[1])] = d
+    assert sorted(runs) == [0.01, 0.03, 1e30]
+    assert not math.isfinite(metrics(runs[1e30])[-1]["train_loss"])
+    assert (runs[1e30] / "status").read_text().strip() == "failed"
+    assert "Failed experiment: training diverged" in out
+    finite = {lr: metrics(runs[lr])[-1]["test_acc"] for lr in (0.01, 0.03)}
+    assert result["best_value"] == max(finite.values())
+    assert result["best_params"]["optim.lr"] in finite
+    best_dir = runs[result["best_params"]["optim.lr"]]
+    assert f"best run: {best_dir}  final test acc {result['best_value']:.4f}" in out
+
+
+def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root):
+    code, sweep, _ = multirun(tmp_path, fmnist_root, "hydra/launcher=joblib",
+                              "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-3")
+    assert code == 0
+    runs = [read_run(sweep / str(job)) for job in (0, 1)]
+    assert [r.exit_code for r in runs] == [0, 0]
+    assert [r.config["optim"]["lr"] for r in runs] == [1e-3, 2e-3]
+    assert runs[0].run.run_id != runs[1].run.run_id
+    for job, run in enumerate(runs):
+        assert [h["test_acc"] for h in run.history if "epoch" in h] == [m["test_acc"] for m in metrics(sweep / str(job))]
+
+
+@pytest.mark.parametrize("preset", ["d2l_fashion_mnist", "cifar10_resnet56"])
+def test_experiment_presets_compose(preset):
+    from hydra import compose, initialize_config_module
+
+    import resnet_lab.train  # noqa: F401  (registers the schema)
+    from resnet_lab.config import validate
+    from tests.conftest import ROOT
+
+    with initialize_config_module("resnet_lab.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}", "model=resnet18"])
+        validate(cfg)
+        if preset == "cifar10_resnet56":
+            assert cfg.dataset.name == "cifar10" and cfg.dataset.augment == "flip_crop"
+            assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+            assert (cfg.sched.name, list(cfg.sched.milestones), cfg.sched.gamma) == ("step", [0.5, 0.75], 0.1)
+            assert cfg.trainer.batch_size == 128
+            if not (ROOT / "conf" / "model" / "resnet56.yaml").exists():
+                pytest.skip("model resnet56 comes with the model zoo")
+            assert compose("config", overrides=[f"experiment={preset}"]).model.name == "resnet56"
+        else:
+            assert (cfg.dataset.name, cfg.optim.name, cfg.optim.lr, cfg.trainer.batch_size) == (
+                "fashion_mnist", "adam", 1e-3, 256)
