@@ -186,7 +186,8 @@ class Checkpointer:
                     raise
                 kept = "the previous one is intact" if path.exists() else "none was written before"
                 raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
-                                f"free some space or make {self.folder} writable, then run again to resume") from e
+                                f"free some space or make {self.folder} writable, then run again to "
+                                f"resume") from e
 
     def restore(self, state: Dict, path: Path) -> None:
         saved_cfg = state["config"]

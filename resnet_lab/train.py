@@ -54,7 +54,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     first_epoch, first_step, totals, best_acc, metrics = 1, 0, None, -1.0, {}
     if state is not None:
         checkpoints.restore(state, resume_from)
-        first_epoch, first_step, best_acc, metrics = state["epoch"], state["step"], state["best_acc"], state["metrics"]
+        first_epoch, first_step = state["epoch"], state["step"]
+        best_acc, metrics = state["best_acc"], state["metrics"]
         if state["totals"] is not None:
             totals = RunningTotals.from_state_dict(state["totals"], runtime.device)
         changes = checkpoint.config_changes(state["config"], cfg)

@@ -60,7 +60,8 @@ def resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, *args) -> 
 @pytest.mark.parametrize("file, damage, words", [
     ("train-images-idx3-ubyte", lambda p: os.truncate(p, 100_000),
      ["train-images-idx3-ubyte (truncated: 100,000 bytes, its header says 250,896)"]),
-    ("t10k-labels-idx1-ubyte", lambda p: p.write_bytes(os.urandom(80)), ["t10k-labels-idx1-ubyte (not an IDX file)"]),
+    ("t10k-labels-idx1-ubyte", lambda p: p.write_bytes(os.urandom(80)),
+     ["t10k-labels-idx1-ubyte (not an IDX file)"]),
 ])
 def test_damaged_idx_file_is_named(file, damage, words, fmnist_root, tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
@@ -134,7 +135,8 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(run_copy, fmnist_root, tmp_
 
 @pytest.mark.parametrize("args, words", [
     (["model=resnet34"], ["does not fit this model", "missing: layer1.2.conv1.weight", "model=resnet18"]),
-    (["model.width=16"], ["does not fit this model", "shapes differ: conv1.weight [8, 1, 7, 7] there, [16, 1, 7, 7] here"]),
+    (["model.width=16"], ["does not fit this model",
+                          "shapes differ: conv1.weight [8, 1, 7, 7] there, [16, 1, 7, 7] here"]),
     (["dataset=synthetic", "dataset.channels=1", "dataset.image_size=28", "dataset.num_classes=5"],
      ["does not fit this model", "fc.weight [10, 64] there, [5, 64] here", "dataset=fashion_mnist"]),
     (["optim=sgd"], ["saved with optim=adam", "this run has optim=sgd"]),

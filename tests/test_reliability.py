@@ -42,6 +42,10 @@ def tiny_cfg(*overrides):
         return compose("config", overrides=[*TINY, *overrides])
 
 
+def epochs(run_dir: Path):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def outcome(run_dir: Path):
     """What a finished run leaves: its metrics rows without the timings, and its final weights."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -124,7 +128,8 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 30) -> Pat
     for c in range(classes):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (12, 12), (c * 100, i * 8, (c * 37 + i * 11) % 256)).save(root / f"c{c}" / f"{i}.png")
+            colour = (c * 100, i * 8, (c * 37 + i * 11) % 256)
+            Image.new("RGB", (12, 12), colour).save(root / f"c{c}" / f"{i}.png")
     return root
 
 
@@ -202,7 +207,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # The failed write came at epoch 1's end, after its metrics row; the resumed run writes that
     # epoch again, once.
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert epochs(tmp_path) == [1]
 
     monkeypatch.undo()
     train(cfg, tmp_path)
@@ -230,13 +235,13 @@ def test_a_diverging_sweep_job_fails_alone_and_keeps_its_last_good_checkpoint(fm
     assert last.startswith("error: the training loss became NaN or inf at epoch 2 step ")
     assert "lower optim.lr" in last and "last good checkpoint" in last
     diverged, fine = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
-    assert [json.loads(r)["epoch"] for r in (diverged / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert epochs(diverged) == [1]
     state = checkpoint.load(diverged / checkpoint.FOLDER / checkpoint.LAST)
     assert (state["epoch"], state["step"]) == (2, 0)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (diverged / "model.pt").exists()
     # The sweep went on: job 1 ran to the end.
-    assert [json.loads(r)["epoch"] for r in (fine / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert epochs(fine) == [1, 2]
     assert (fine / "model.pt").exists()
 
 

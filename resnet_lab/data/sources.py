@@ -65,7 +65,8 @@ def _idx_problem(path: str) -> Optional[str]:
     expected = 4 + len(sizes) + math.prod(struct.unpack(f">{magic[3]}I", sizes)) * IDX_ITEM_BYTES[magic[2]]
     actual = os.path.getsize(path)
     if actual != expected:
-        return f"{'truncated' if actual < expected else 'too long'}: {actual:,} bytes, its header says {expected:,}"
+        what = "truncated" if actual < expected else "too long"
+        return f"{what}: {actual:,} bytes, its header says {expected:,}"
     return None
 
 
@@ -75,8 +76,8 @@ def _damaged(cls, folder: str, files: list) -> List[str]:
         problems = {name: _idx_problem(os.path.join(folder, name)) for name in files}
     else:
         sums = dict(cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])])
-        problems = {name: None if check_integrity(os.path.join(folder, name), sums[name]) else "wrong checksum"
-                    for name in files}
+        problems = {name: None if check_integrity(os.path.join(folder, name), sums[name])
+                    else "wrong checksum" for name in files}
     return [f"{name} ({problem})" for name, problem in problems.items() if problem]
 
 
