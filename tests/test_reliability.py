@@ -103,15 +103,15 @@ def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False
 def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference):
     run_dir = tmp_path / "run"
     args = [f"dataset.root={fmnist_root}", *TINY]
-    # Killed right after epoch 1's checkpoint ...
-    proc = start(args, run_dir)
+    # Killed right after epoch 1's checkpoint (the only one: the whole of epoch 2 to catch it) ...
+    proc = start([*args, "trainer.checkpoint_every_steps=0"], run_dir)
     try:
         assert freeze_at(proc, run_dir, (2, 0)) == (2, 0)
     finally:
         proc.kill()
         proc.wait()
-    # ... the same command (a requeued job) continues from there, and is killed mid-epoch 2 ...
-    proc = start(args, run_dir)
+    # ... the command again (a requeued job) continues from there, and is killed mid-epoch 2 ...
+    proc = start([*args, "trainer.checkpoint_every_steps=1"], run_dir)
     try:
         epoch, step = freeze_at(proc, run_dir, (2, 1))
     finally:
@@ -144,7 +144,8 @@ def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path
     train(tiny_cfg(*args, "dataset.num_workers=0", "trainer.checkpoint_every_steps=0"), reference_dir)
 
     run_dir = tmp_path / "run"
-    proc = start([*args, "dataset.num_workers=2"], run_dir, start_new_session=True)
+    proc = start([*args, "dataset.num_workers=2", "trainer.checkpoint_every_steps=1"], run_dir,
+                 start_new_session=True)
     try:
         freeze_at(proc, run_dir, (1, 1), group=True)
         os.killpg(proc.pid, signal.SIGTERM)
