@@ -14,6 +14,10 @@ def main() -> None:
 
     try:
         run()
+    except KeyboardInterrupt:
+        print("error: interrupted; the run folder's checkpoints/last.pt, if any, holds the last "
+              "checkpoint written", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001
         message = describe(e)
         if message is None or full_error:

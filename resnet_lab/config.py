@@ -91,6 +91,11 @@ class TrainerConfig:
     deterministic: bool = False
     progress: bool = True
     save_weights: bool = True
+    # auto: continue from the run folder's checkpoints/last.pt if it has one; none: start
+    # fresh; anything else: the path of a checkpoint to continue from.
+    resume: str = "auto"
+    # Also write checkpoints/last.pt every this many training steps (0: only at epoch ends).
+    checkpoint_every_steps: int = 0
 
 
 @dataclass
@@ -144,6 +149,7 @@ BOUNDS = {
     "trainer.eval_batch_size": (1, True),
     "trainer.limit_train_batches": (0, True),
     "trainer.limit_eval_batches": (0, True),
+    "trainer.checkpoint_every_steps": (0, True),
     "model.width": (1, True),
     "dataset.channels": (1, True),
     "dataset.image_size": (1, True),

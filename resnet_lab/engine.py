@@ -15,15 +15,52 @@ from resnet_lab.device import Runtime
 StepHook = Callable[[int, torch.Tensor], None]
 
 
+class RunningTotals:
+    """An epoch's training sums so far, on the device.
+
+    A mid-epoch checkpoint saves them, so that a resumed epoch reports the same metrics as an
+    uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+        self.seconds = 0.0
+        # The first step whose loss was NaN or inf, -1 while there is none: recorded on the
+        # device so that watching for divergence costs no sync; read where the host syncs anyway.
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+        self.first_bad_step.masked_fill_(~torch.isfinite(loss) & (self.first_bad_step < 0), step)
+
+    def bad_step(self) -> Optional[int]:
+        """The first step with a non-finite loss, or None (waits for the device)."""
+        step = int(self.first_bad_step)
+        return None if step < 0 else step
+
+    def metrics(self) -> Dict[str, float]:
+        return {"train_loss": self.loss_sum.item() / self.seen, "train_acc": self.correct.item() / self.seen}
+
+    def state_dict(self) -> Dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state_dict(cls, state: Dict, device: torch.device) -> "RunningTotals":
+        totals = cls(device)
+        for key, value in state.items():
+            setattr(totals, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+        return totals
+
+
 def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, runtime: Runtime, epoch: int,
-                start: int = 0, on_step: Optional[StepHook] = None) -> Dict[str, float]:
-    """Train over the epoch's batches from index `start`: mean loss, accuracy, images seen."""
+                totals: RunningTotals, start: int = 0, on_step: Optional[StepHook] = None) -> None:
+    """Train over the epoch's batches from index `start`, adding to `totals`."""
     model.train()
-    device = runtime.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
     for step, (x, y) in enumerate(loader.batches(epoch, start), start):
         with runtime.autocast():
             logits = model(x)
@@ -34,12 +71,9 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
         scaler.update()
         scheduler.step()
         loss = loss.detach()
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        totals.add(step, loss, logits, y)
         if on_step is not None:
             on_step(step, loss)
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "images": seen}
 
 
 @torch.inference_mode()

@@ -58,4 +58,8 @@ def describe(e: BaseException):
         return f"could not parse the command-line overrides: {_first_line(e)}"
     if isinstance(e, ConfigCompositionException):
         return " ".join(filter(None, [_first_line(e), _first_line(cause) if cause else ""]))
+    if isinstance(e, OSError) and e.filename:
+        # Hydra creating the run folder, or a write into it, failed.
+        return (f"{e.filename}: {e.strerror}; the run folder must be writable and have free space "
+                f"(choose it with hydra.run.dir, or hydra.sweep.dir for -m)")
     return None

@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from resnet_lab.errors import UserError
+from resnet_lab.preemption import Stopped
 
 log = logging.getLogger("resnet_lab")
 
 METRICS_FILE = "metrics.jsonl"
-# One word: running (from the start), then finished or failed. A run killed outright stays
+# One word: running (from the start), then finished, failed, or stopped (by a signal, after
+# writing last.pt). A run killed outright stays
 # "running", which is how `compare` tells an interrupted run from a finished one.
 STATUS_FILE = "status"
 # Overrides that say where a run reads or how it logs or is swept, not what it trains: left out
@@ -204,7 +206,7 @@ class Tracker:
             artifact.add_file(str(path))
             self.wandb.log_artifact(artifact)
 
-    def finish(self, summary: Dict[str, float], exit_code: int = 0) -> None:
+    def finish(self, summary: Dict[str, float], exit_code: int = 0, status: Optional[str] = None) -> None:
         """Close the W&B run (failed when exit_code != 0) and write the run's final status."""
         if self.finished or not self.main:
             self.finished = True
@@ -221,10 +223,17 @@ class Tracker:
                 if self.wandb.offline:
                     log.info(f"W&B run saved offline; upload it with: wandb sync {self.wandb.sync_dir}")
         finally:
-            write_status(self.run_dir, "finished" if exit_code == 0 else "failed")
+            write_status(self.run_dir, status or ("finished" if exit_code == 0 else "failed"))
 
     def __enter__(self) -> "Tracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish({}, exit_code=0 if exc_type is None else 1)
+        if isinstance(exc, Stopped):
+            # Stopped by a signal with last.pt written: W&B shows the run as preempted, and a
+            # resume continues it.
+            if self.wandb is not None:
+                self.wandb.mark_preempting()
+            self.finish({}, exit_code=exc.code, status="stopped")
+        else:
+            self.finish({}, exit_code=0 if exc_type is None else 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,17 @@ def write_cifar_like(root: Path, classes: int = 10, n_per_batch: int = 40) -> Pa
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory) -> Path:
     return write_mnist_like(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process runs (start subprocesses with
+    OMP_NUM_THREADS=1 to match): on a shared 2-core machine, two OpenMP threads per run spin
+    against the other jobs and train 10-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,13 @@ exactly the batches an uninterrupted run would have seen.
 """
 
 import math
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Tuple
 
 import torch
+
+from resnet_lab.preemption import SIGNALS
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 PAD = 4  # the standard CIFAR recipe: 4-pixel zero padding, random 32x32 crop, random flip
@@ -115,6 +118,13 @@ class DeviceLoader(Loader):
             yield self.images[idx], self.labels[idx]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM and Ctrl-C reach every process of a job; the main process finishes its step and
+    # writes its checkpoint first (resnet_lab.preemption), then ends the workers itself.
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class HostLoader(Loader):
     """A DataLoader over files (image_folder): workers decode to uint8, the device normalises."""
 
@@ -128,6 +138,7 @@ class HostLoader(Loader):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=order,
             num_workers=self.num_workers, pin_memory=device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

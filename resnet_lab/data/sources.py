@@ -6,12 +6,15 @@ image_folder comes back as torchvision datasets, decoded by DataLoader workers.
 
 import contextlib
 import io
+import math
 import os
+import struct
 from pathlib import Path
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 from resnet_lab.data.loader import TensorSplit
 from resnet_lab.errors import UserError
@@ -20,6 +23,7 @@ from resnet_lab.registry import Registry
 DATASETS = Registry("dataset")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # by the IDX type code
 
 
 def _expected_files(cls, root: str) -> Tuple[str, list]:
@@ -48,6 +52,35 @@ def _fetch(cls, cfg, folder: str, files: list) -> None:
     )
 
 
+def _idx_problem(path: str) -> Optional[str]:
+    """What is wrong with an IDX file, or None: its header gives the item type and the sizes,
+    and with them the length the file must have."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_ITEM_BYTES or not 1 <= magic[3] <= 4:
+            return "not an IDX file"
+        sizes = f.read(4 * magic[3])
+    if len(sizes) < 4 * magic[3]:
+        return "truncated in its header"
+    expected = 4 + len(sizes) + math.prod(struct.unpack(f">{magic[3]}I", sizes)) * IDX_ITEM_BYTES[magic[2]]
+    actual = os.path.getsize(path)
+    if actual != expected:
+        what = "truncated" if actual < expected else "too long"
+        return f"{what}: {actual:,} bytes, its header says {expected:,}"
+    return None
+
+
+def _damaged(cls, folder: str, files: list) -> List[str]:
+    """The files that fail a check: the MNIST family's IDX layout, CIFAR's published checksums."""
+    if hasattr(cls, "resources"):
+        problems = {name: _idx_problem(os.path.join(folder, name)) for name in files}
+    else:
+        sums = dict(cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])])
+        problems = {name: None if check_integrity(os.path.join(folder, name), sums[name])
+                    else "wrong checksum" for name in files}
+    return [f"{name} ({problem})" for name, problem in problems.items() if problem]
+
+
 def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
     """One split as uint8 N x C x H x W, and the number of classes."""
     folder, files = _expected_files(cls, cfg.root)
@@ -60,6 +93,10 @@ def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
     except Exception as e:  # noqa: BLE001  (a parser or checksum failing on bad bytes)
+        damaged = _damaged(cls, folder, files)
+        if damaged:
+            raise UserError(f"dataset {cfg.name}: damaged files in {folder}: {', '.join(damaged)}; "
+                            f"delete them and download (or copy) them again") from e
         raise UserError(
             f"dataset {cfg.name}: could not read the files in {folder} ({type(e).__name__}: "
             f"{' '.join(str(e).split())[:200]}); they may be truncated or corrupt: delete them "

@@ -1,0 +1,207 @@
+"""Checkpoints: all a run needs to continue exactly where it stopped, written atomically.
+
+A checkpoint holds the position (`epoch` and `step`: the next batch to train), the model,
+optimizer, scheduler and grad-scaler states, the epoch's running totals, the best test accuracy
+so far and the last epoch's metrics, the RNG states, the resolved config and the W&B run id.
+The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
+"""
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable, Dict, IO, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from resnet_lab.errors import UserError
+
+FOLDER = "checkpoints"
+LAST, BEST = "last.pt", "best.pt"
+KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
+        "metrics", "rng", "config", "wandb_run_id")
+# Choices whose saved state another choice cannot take over.
+MUST_MATCH = ("optim.name", "sched.name")
+SHOWN = 3  # differing keys named in a message
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file in the same folder, then rename it over path: a kill at
+    any moment leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself is durable only once the folder is synced.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def rng_states(device: torch.device) -> Dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+              "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: Dict, device: torch.device) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def to_resume(resume: str, run_dir: Path) -> Optional[Path]:
+    """The checkpoint that trainer.resume names for this run folder, or None to start afresh."""
+    last = run_dir / FOLDER / LAST
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume == "none":
+        if last.exists():
+            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({FOLDER}/{LAST}) that "
+                            f"a fresh start would overwrite; set hydra.run.dir to another folder, or "
+                            f"continue it with trainer.resume=auto")
+        return None
+    return Path(resume).expanduser()
+
+
+def load(path: Path) -> Dict:
+    if not path.is_file():
+        raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a "
+                        f"{LAST} or {BEST}, or trainer.resume=none to start afresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
+        detail = " ".join(str(e).split())[:160]
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
+                        f"resume from another one with trainer.resume=<path> (e.g. {BEST} beside it), "
+                        f"or start afresh with trainer.resume=none") from e
+    missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
+    if missing:
+        raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
+                        f"give the path of a {FOLDER}/{LAST} or {BEST}")
+    return state
+
+
+def _some(items: List[str]) -> str:
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict) -> None:
+    own = model.state_dict()
+    shapes = [f"{k} {list(saved[k].shape)} there, {list(v.shape)} here" for k, v in own.items()
+              if k in saved and saved[k].shape != v.shape]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    problems = [f"{label}: {_some(keys)}" for label, keys in
+                (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); it was saved "
+                        f"by model={saved_cfg['model']['name']} dataset={saved_cfg['dataset']['name']}: "
+                        f"resume with those, or start afresh with trainer.resume=none")
+
+
+def _flat(node, prefix: str = "") -> Dict:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def config_changes(saved_cfg: Dict, cfg) -> List[str]:
+    """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's."""
+    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved_cfg)
+    return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(now.keys() | then.keys())
+            if k != "trainer.resume" and now.get(k) != then.get(k)]
+
+
+def keep_epochs(metrics_file: Path, done: int) -> None:
+    """Keep the rows of the epochs up to `done` in metrics.jsonl: a resumed run writes the later
+    ones again. A row torn by a kill does not parse and goes too."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text().splitlines(keepends=True)
+
+    def kept(line: str) -> bool:
+        try:
+            return line.endswith("\n") and json.loads(line)["epoch"] <= done
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    rows = [line for line in lines if kept(line)]
+    if rows != lines:
+        _atomic_write(metrics_file, lambda f: f.write("".join(rows).encode()))
+
+
+class Checkpointer:
+    """Saves one run's training state into <run_dir>/checkpoints and restores it from a file."""
+
+    def __init__(self, run_dir: Path, cfg, model, optimizer, scheduler, scaler, device: torch.device):
+        self.folder = run_dir / FOLDER
+        self.cfg, self.device = cfg, device
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+
+    def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
+             wandb_run_id: Optional[str], best: bool = False) -> None:
+        """Write last.pt (and best.pt) to continue at batch `step` of `epoch`."""
+        state = {
+            "epoch": epoch, "step": step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "totals": totals, "best_acc": best_acc, "metrics": metrics,
+            "rng": rng_states(self.device),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "wandb_run_id": wandb_run_id,
+        }
+        for name in (LAST, BEST) if best else (LAST,):
+            path = self.folder / name
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, lambda f: torch.save(state, f))
+            except Exception as e:
+                cause = _os_error(e)
+                if cause is None:
+                    raise
+                kept = "the previous one is intact" if path.exists() else "none was written before"
+                raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
+                                f"free some space or make {self.folder} writable, then run again to "
+                                f"resume") from e
+
+    def restore(self, state: Dict, path: Path) -> None:
+        saved_cfg = state["config"]
+        for key in MUST_MATCH:
+            group, name = key.split(".")
+            then, now = saved_cfg[group][name], self.cfg[group][name]
+            if then != now:
+                raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
+                                f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
+                                f"or start afresh with trainer.resume=none")
+        _check_fits(self.model, state["model"], path, saved_cfg)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when the saving run did not scale (not fp16)
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], self.device)

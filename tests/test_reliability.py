@@ -1,0 +1,299 @@
+"""Checkpoints and resume: a run killed (SIGKILL) or stopped (SIGTERM) anywhere and resumed ends
+bit-identical to one that never stopped; checkpoint writes are atomic; signals and a diverged
+loss stop training cleanly."""
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from resnet_lab import checkpoint
+from resnet_lab.engine import RunningTotals
+from resnet_lab.errors import UserError
+from resnet_lab.preemption import StopSignals
+from resnet_lab.train import train
+from tests.test_cli import run_cli
+from tests.wandb_file import read_run
+
+EPOCHS, STEPS, EVERY = 3, 6, 3
+TINY = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.batch_size=32",
+        "trainer.eval_batch_size=64", "trainer.progress=false", "trainer.deterministic=true",
+        f"trainer.epochs={EPOCHS}", f"trainer.limit_train_batches={STEPS}",
+        f"trainer.checkpoint_every_steps={EVERY}"]
+TIMINGS = ("seconds", "images_per_s")
+
+
+# The runs compared bit for bit do the same arithmetic: one intra-op thread here and in the
+# runs started from here (which also keeps OpenMP threads from spinning against other jobs).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_cfg(*overrides):
+    with initialize_config_module("resnet_lab.conf", version_base="1.3"):
+        return compose("config", overrides=[*TINY, *overrides])
+
+
+def epochs(run_dir: Path):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def outcome(run_dir: Path):
+    """What a finished run leaves: its metrics rows without the timings, and its final weights."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows], torch.load(run_dir / "model.pt")
+
+
+def assert_same_outcome(a, b) -> None:
+    (rows_a, weights_a), (rows_b, weights_b) = a, b
+    assert rows_a == rows_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.fixture(scope="module")
+def reference(one_thread, fmnist_root, tmp_path_factory):
+    """The uninterrupted run, without mid-epoch checkpoints."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.checkpoint_every_steps=0"), run_dir)
+    result = outcome(run_dir)
+    assert [row["epoch"] for row in result[0]] == [1, 2, 3]
+    return result
+
+
+def fresh_env():
+    """A new process as a requeued job would start: its own W&B service, not this process's
+    (a SIGKILLed job's stream would otherwise still hold its run id there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_SERVICE", None)
+    return env
+
+
+def start(args, run_dir: Path, **popen) -> subprocess.Popen:
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
+                            env=fresh_env(), **popen)
+
+
+def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False):
+    """Watch last.pt; stop the process at each new version to read its (epoch, step), and leave
+    it stopped (SIGSTOP) at the first one at or past `target`."""
+    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    send = (lambda s: os.killpg(proc.pid, s)) if group else (lambda s: os.kill(proc.pid, s))
+    seen = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (run_dir.parent / f"{run_dir.name}.log").read_text()
+        try:
+            stamp = last.stat().st_mtime_ns, last.stat().st_ino
+        except FileNotFoundError:
+            stamp = seen
+        if stamp != seen:
+            send(signal.SIGSTOP)
+            seen = last.stat().st_mtime_ns, last.stat().st_ino
+            state = torch.load(last, weights_only=True)
+            if (state["epoch"], state["step"]) >= target:
+                return state["epoch"], state["step"]
+            send(signal.SIGCONT)
+        time.sleep(0.003)
+    pytest.fail(f"no checkpoint at or past {target}")
+
+
+def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *TINY]
+    # Killed right after epoch 1's checkpoint (the only one: the whole of epoch 2 to catch it) ...
+    proc = start([*args, "trainer.checkpoint_every_steps=0"], run_dir)
+    try:
+        assert freeze_at(proc, run_dir, (2, 0)) == (2, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+    # ... the command again (a requeued job) continues from there, and is killed mid-epoch 2 ...
+    proc = start([*args, "trainer.checkpoint_every_steps=1"], run_dir)
+    try:
+        epoch, step = freeze_at(proc, run_dir, (2, 1))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert epoch == 2 and 0 < step < STEPS
+    assert "resuming from" in (tmp_path / "run.log").read_text()
+    # ... and once more, to the end: every epoch once in metrics.jsonl, the same numbers, the same weights.
+    assert train(tiny_cfg(f"dataset.root={fmnist_root}"), run_dir) == reference[0][-1]["test_acc"]
+    assert_same_outcome(outcome(run_dir), reference)
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 30) -> Path:
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            colour = (c * 100, i * 8, (c * 37 + i * 11) % 256)
+            Image.new("RGB", (12, 12), colour).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path):
+    # image_folder has loader workers: the SIGTERM a scheduler sends to every process of the job
+    # must not kill them under the main process's last step.
+    images = write_image_folder(tmp_path / "images")
+    args = [f"dataset.root={images}", "dataset=image_folder", *TINY, "trainer.batch_size=9",
+            "trainer.limit_train_batches=0", "trainer.epochs=1"]
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    train(tiny_cfg(*args, "dataset.num_workers=0", "trainer.checkpoint_every_steps=0"), reference_dir)
+
+    run_dir = tmp_path / "run"
+    proc = start([*args, "dataset.num_workers=2", "trainer.checkpoint_every_steps=1"], run_dir,
+                 start_new_session=True)
+    try:
+        freeze_at(proc, run_dir, (1, 1), group=True)
+        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        proc.kill()
+    log = (tmp_path / "run.log").read_text()
+    assert "SIGTERM: stopped at epoch 1 step" in log and "Traceback" not in log
+    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    assert state["epoch"] == 1 and 0 < state["step"] < 9 and state["totals"]["seen"] == 9 * state["step"]
+    assert not (run_dir / "metrics.jsonl").exists()
+    # The W&B run is closed with the signal's status, and the folder says it was stopped.
+    stopped = read_run(run_dir)
+    assert stopped.exit_code == 143 and stopped.run.run_id == state["wandb_run_id"]
+    assert (run_dir / "status").read_text() == "stopped\n"
+
+    train(tiny_cfg(*args, "dataset.num_workers=0"), run_dir)
+    assert_same_outcome(outcome(run_dir), outcome(reference_dir))
+    assert (run_dir / "status").read_text() == "finished\n"
+    resumed = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(resumed) == 2 and all(f.stem == f"run-{state['wandb_run_id']}" for f in resumed)
+
+
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.f.write(bytes(data[:self.room]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_path, monkeypatch, reference):
+    writes = []
+
+    def open_on_full_disk(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        if Path(path).name == f".{checkpoint.LAST}.tmp":
+            writes.append(path)
+            if len(writes) == 2:  # the first checkpoint succeeds, the disk fills during the second
+                return FullDisk(f, room=10_000)
+        return f
+
+    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    cfg = tiny_cfg(f"dataset.root={fmnist_root}")
+    with pytest.raises(UserError, match="No space left on device.*the previous one is intact"):
+        train(cfg, tmp_path)
+    last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
+    assert [p.name for p in last.parent.iterdir()] == [checkpoint.LAST]  # no temporary file left
+    state = checkpoint.load(last)
+    assert (state["epoch"], state["step"]) == (1, EVERY)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # The failed write came at epoch 1's end, after its metrics row; the resumed run writes that
+    # epoch again, once.
+    assert epochs(tmp_path) == [1]
+
+    monkeypatch.undo()
+    train(cfg, tmp_path)
+    assert_same_outcome(outcome(tmp_path), reference)
+    assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
+
+
+def test_resuming_a_finished_run_trains_no_more(fmnist_root, tmp_path):
+    cfg = tiny_cfg(f"dataset.root={fmnist_root}", "trainer.limit_train_batches=2", "trainer.epochs=1")
+    first = train(cfg, tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert train(cfg, tmp_path) == first
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_a_diverging_sweep_job_fails_alone_and_keeps_its_last_good_checkpoint(fmnist_root, tmp_path,
+                                                                              monkeypatch, capsys):
+    # The step schedule multiplies the learning rate by 1e33 halfway: job 0 diverges in epoch 2.
+    code, err = run_cli(["-m", f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=2",
+                         "trainer.limit_train_batches=4", "trainer.checkpoint_every_steps=0",
+                         "sched=step", "sched.milestones=[0.5]", "sched.gamma=1e33,0.1",
+                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the training loss became NaN or inf at epoch 2 step ")
+    assert "lower optim.lr" in last and "last good checkpoint" in last
+    diverged, fine = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
+    assert epochs(diverged) == [1]
+    state = checkpoint.load(diverged / checkpoint.FOLDER / checkpoint.LAST)
+    assert (state["epoch"], state["step"]) == (2, 0)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (diverged / "model.pt").exists()
+    # The sweep went on: job 1 ran to the end.
+    assert epochs(fine) == [1, 2]
+    assert (fine / "model.pt").exists()
+
+
+def test_running_totals_remember_the_first_non_finite_step():
+    totals = RunningTotals(torch.device("cpu"))
+    logits, y = torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    for step, loss in enumerate([1.0, 3.0, math.nan, math.inf, 2.0]):
+        totals.add(step, torch.tensor(loss), logits, y)
+        assert totals.bad_step() == (None if step < 2 else 2)
+    restored = RunningTotals.from_state_dict(totals.state_dict(), torch.device("cpu"))
+    assert restored.bad_step() == 2 and restored.seen == 10 and restored.correct.item() == 5
+
+
+def test_signals_ask_for_a_stop_and_a_second_ctrl_c_interrupts_at_once():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating itself changes nothing
+        assert signals.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    # A multirun runs its jobs in one process: the handlers are put back.
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2",
+                   "optim=sgd", "sched=onecycle"), tmp_path)
+    state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.BEST)
+    assert set(state) == set(checkpoint.KEYS)
+    assert (state["epoch"], state["step"], state["totals"]) == (2, 0, None)
+    assert set(state["rng"]) == {"python", "numpy", "torch"}
+    assert state["config"]["optim"]["name"] == "sgd"
+    # The W&B run this checkpoint belongs to, so a resume continues that run.
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_run_id']}"))
+    assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["state"]
+    assert state["best_acc"] == state["metrics"]["test_acc"]
