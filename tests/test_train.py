@@ -1,6 +1,8 @@
 """Training in-process: determinism, and the on-device loader's guarantees."""
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,28 @@ def test_flip_crop_keeps_shape_dtype_and_labels():
 def test_limit_cuts_the_epoch():
     loader, _ = make_loader(limit=2)
     assert len(loader) == 2 and len(list(loader.batches(1))) == 2
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_only_on_a_terminal(terminal, monkeypatch):
+    from resnet_lab.tracking import EpochProgress
+
+    out = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    with EpochProgress(True, epoch=2, epochs=3, total=10, start=4) as bar:
+        for _ in range(3):
+            bar.advance()
+        if terminal:
+            assert bar.bar.tasks[0].completed == 7 and bar.bar.tasks[0].total == 10
+    if terminal:
+        assert "epoch 2/3" in out.getvalue()
+    else:
+        assert bar.bar is None and out.getvalue() == ""
+    with EpochProgress(False, epoch=1, epochs=1, total=5) as off:
+        off.advance()
+    assert off.bar is None
