@@ -92,19 +92,17 @@ def test_experiment_presets_compose(preset):
 
     import resnet_lab.train  # noqa: F401  (registers the schema)
     from resnet_lab.config import validate
-    from tests.conftest import ROOT
 
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}", "model=resnet18"])
-        validate(cfg)
-        if preset == "cifar10_resnet56":
-            assert cfg.dataset.name == "cifar10" and cfg.dataset.augment == "flip_crop"
-            assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
-            assert (cfg.sched.name, list(cfg.sched.milestones), cfg.sched.gamma) == ("step", [0.5, 0.75], 0.1)
-            assert cfg.trainer.batch_size == 128
-            if not (ROOT / "conf" / "model" / "resnet56.yaml").exists():
-                pytest.skip("model resnet56 comes with the model zoo")
-            assert compose("config", overrides=[f"experiment={preset}"]).model.name == "resnet56"
-        else:
-            assert (cfg.dataset.name, cfg.optim.name, cfg.optim.lr, cfg.trainer.batch_size) == (
-                "fashion_mnist", "adam", 1e-3, 256)
+        cfg = compose("config", overrides=[f"experiment={preset}"])
+    validate(cfg)
+    if preset == "cifar10_resnet56":
+        assert cfg.model.name == "resnet56"
+        assert cfg.dataset.name == "cifar10" and cfg.dataset.augment == "flip_crop"
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+        assert (cfg.sched.name, list(cfg.sched.milestones), cfg.sched.gamma) == ("step", [0.5, 0.75], 0.1)
+        assert cfg.trainer.batch_size == 128
+    else:
+        assert (cfg.model.name, cfg.dataset.name, cfg.dataset.augment, cfg.optim.name, cfg.optim.lr,
+                cfg.trainer.batch_size, cfg.trainer.epochs) == (
+            "resnet18_d2l", "fashion_mnist", "none", "adam", 1e-3, 256, 2)
