@@ -55,21 +55,23 @@ class Normalizer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
 
-    def __call__(self, images: torch.Tensor, augment_seed: int = None, part: slice = None) -> torch.Tensor:
-        """`part`: where these images lie in their global batch, which the random draws are for."""
+    def __call__(self, images: torch.Tensor, augment_seed: int = None, part: slice = None,
+                 total: int = None) -> torch.Tensor:
+        """`part`: where these images lie in their global batch of `total`, for which the random
+        augmentation is drawn (so that a rank's part is augmented as in one rank's batch)."""
         if augment_seed is not None:
-            images = self.flip_crop(images, augment_seed, part or slice(0, len(images)))
+            images = self.flip_crop(images, augment_seed, part or slice(0, len(images)), total or len(images))
         x = (images.float() - self.shift) * self.scale
         return x.contiguous(memory_format=self.memory_format)
 
-    def flip_crop(self, images: torch.Tensor, seed: int, part: slice) -> torch.Tensor:
+    def flip_crop(self, images: torch.Tensor, seed: int, part: slice, total: int) -> torch.Tensor:
         n, c, h, w = images.shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        flip = torch.rand(part.stop, device=self.device, generator=gen)[part] < 0.5
+        flip = torch.rand(total, device=self.device, generator=gen)[part] < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
         padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-        dy = torch.randint(0, 2 * PAD + 1, (part.stop, 1), device=self.device, generator=gen)[part]
-        dx = torch.randint(0, 2 * PAD + 1, (part.stop, 1), device=self.device, generator=gen)[part]
+        dy = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
+        dx = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
         rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
         cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)
@@ -119,7 +121,7 @@ class Loader:
         """The normalised batches of one epoch, from batch index `start` on."""
         for i, (images, labels) in enumerate(self.raw_batches(epoch, start), start):
             seed = batch_seed(self.seed, epoch, i) if self.augment else None
-            yield self.normalize(images, seed, self.part(i)), labels
+            yield self.normalize(images, seed, self.part(i), self.global_size(i)), labels
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError
