@@ -250,3 +250,9 @@ def test_submitit_local_sweep_is_preempted_requeued_and_resumed(fmnist_root, tmp
     resumed = sorted(sweep.glob("0/wandb/offline-run-*/run-*.wandb"))
     assert len(resumed) == 2 and resumed[0].name == resumed[1].name
     assert len(list(sweep.glob("1/wandb/offline-run-*/run-*.wandb"))) == 1
+
+
+def test_sync_bn_off_cuda_is_a_clear_error(fmnist_root, tmp_path):
+    with pytest.raises(UserError, match=r"device.sync_bn=true: .*CUDA only and this run is on cpu"):
+        train(tiny_cfg(f"dataset.root={fmnist_root}", *TINY, "device.sync_bn=true"), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
