@@ -1,19 +1,50 @@
-"""`python -m resnet_lab [overrides]`: Hydra's command line, with one-line errors."""
+"""`python -m resnet_lab [overrides]`: Hydra's command line, with one-line errors.
+
+Under torchrun every rank runs this: rank 0 names the run folder for all of them, and the other
+ranks write none of Hydra's files.
+"""
 
 import os
 import sys
+import time
 
-from resnet_lab.errors import describe
+from resnet_lab.errors import UserError, describe
+
+
+def one_run_folder(argv, ranks):
+    """argv with the run folder rank 0 chose (Hydra's own default would be named by each rank's
+    start time), and Hydra's output and logs off on the other ranks."""
+    from resnet_lab import distributed
+
+    args = argv[1:]
+    if {"-m", "--multirun"} & set(args):
+        raise UserError("-m (multirun) under torchrun: each rank would run the whole sweep; sweep "
+                        "with device.world_size=N, or hydra/launcher=submitit_slurm with "
+                        "hydra.launcher.tasks_per_node=N")
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        # Hydra's default pattern (conf/config.yaml), at rank 0's time.
+        folder = distributed.broadcast(time.strftime("outputs/runs/%Y-%m-%d/%H-%M-%S"))
+        args.append(f"hydra.run.dir={folder}")
+    if not ranks.is_main:
+        # No .hydra folder, no log file, only errors on the console.
+        args += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]",
+                 "hydra.job_logging.root.level=ERROR", "hydra/hydra_logging=disabled"]
+    return [argv[0], *args]
 
 
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its errors over several lines; letting them propagate lets us print one.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from resnet_lab import distributed
     from resnet_lab.train import run
 
+    ranks = distributed.from_env()
     try:
-        run()
+        with distributed.process_group(ranks):
+            if ranks.world_size > 1:
+                sys.argv = one_run_folder(sys.argv, ranks)
+            run()
     except KeyboardInterrupt:
         print("error: interrupted; the run folder's checkpoints/last.pt, if any, holds the last "
               "checkpoint written", file=sys.stderr)

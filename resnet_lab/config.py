@@ -78,6 +78,11 @@ class DeviceConfig:
     channels_last: Optional[bool] = None
     compile: bool = False
     compile_mode: str = "default"
+    # Local ranks this run spawns for DDP (device=cuda: GPUs 0..N-1); torchrun and SLURM set
+    # their own ranks instead.
+    world_size: int = 1
+    # Batch norm statistics over the global batch rather than each rank's part (CUDA only).
+    sync_bn: bool = False
 
 
 @dataclass
@@ -144,6 +149,7 @@ BOUNDS = {
     "optim.momentum": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
+    "device.world_size": (1, True),
     "trainer.epochs": (1, True),
     "trainer.batch_size": (1, True),
     "trainer.eval_batch_size": (1, True),

@@ -1,7 +1,8 @@
 """The hot loop: one training epoch and one evaluation pass.
 
 Loss and accuracy accumulate on the device; the host waits for the device only where a number
-is needed (the `on_step` callback decides when, and the end of the epoch).
+is needed (the `on_step` callback decides when, and the end of the epoch). With several ranks each
+accumulates its own share, summed over the ranks where the numbers are read.
 """
 
 from typing import Callable, Dict, Optional
@@ -9,6 +10,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from resnet_lab import distributed
 from resnet_lab.data import Loader
 from resnet_lab.device import Runtime
 
@@ -38,9 +40,22 @@ class RunningTotals:
         self.first_bad_step.masked_fill_(~torch.isfinite(loss) & (self.first_bad_step < 0), step)
 
     def bad_step(self) -> Optional[int]:
-        """The first step with a non-finite loss, or None (waits for the device)."""
-        step = int(self.first_bad_step)
-        return None if step < 0 else step
+        """The first step with a non-finite loss on any rank, or None (waits for the device; all
+        ranks must ask together)."""
+        none = torch.iinfo(torch.long).max
+        step = torch.where(self.first_bad_step < 0, none, self.first_bad_step)
+        step = int(distributed.all_reduce(step, "min"))
+        return None if step == none else step
+
+    def reduced(self) -> "RunningTotals":
+        """The sums over all ranks, on every rank (all ranks must ask together)."""
+        total = RunningTotals(self.loss_sum.device)
+        total.loss_sum = distributed.all_reduce(self.loss_sum.clone())
+        total.correct = distributed.all_reduce(self.correct.clone())
+        seen = torch.tensor(self.seen, device=self.loss_sum.device)
+        total.seen = int(distributed.all_reduce(seen))
+        total.seconds, total.first_bad_step = self.seconds, self.first_bad_step.clone()
+        return total
 
     def metrics(self) -> Dict[str, float]:
         return {"train_loss": self.loss_sum.item() / self.seen, "train_acc": self.correct.item() / self.seen}
@@ -65,8 +80,11 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
         with runtime.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+        # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the
+        # batch makes that the gradient of the global batch's mean loss, also for an uneven last batch.
+        share = len(y) * loader.world_size / loader.global_size(step)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss * share).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -89,4 +107,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[s
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+    distributed.all_reduce(loss_sum)
+    distributed.all_reduce(correct)
+    seen = int(distributed.all_reduce(torch.tensor(seen, device=device)))
     return {"test_loss": loss_sum.item() / seen, "test_acc": correct.item() / seen}

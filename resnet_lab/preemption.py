@@ -3,12 +3,26 @@
 The training loop checks `StopSignals.signum` after every step; when set, it writes
 checkpoints/last.pt and raises `Stopped`, whose exit status is the shell's for that signal
 (143 for SIGTERM, 130 for SIGINT). A Ctrl-C after that raises KeyboardInterrupt at once.
+
+In a submitit job (hydra/launcher=submitit_slurm or submitit_local), submitit's preemption signal
+(SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) stops the run the same way; once the run
+has stopped, the signal goes on to submitit's own handler, which requeues the job.
 """
 
+import os
 import signal
 import threading
+from typing import Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def submitit_signal() -> Optional[signal.Signals]:
+    """The signal submitit sends before SLURM preempts or times out this job; None outside one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    # As submitit's JobEnvironment reads it.
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
 class Stopped(SystemExit):
@@ -24,11 +38,13 @@ class Stopped(SystemExit):
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT set `signum` instead of ending the process."""
+    """While active, SIGTERM and SIGINT (and submitit's signal) set `signum` instead of ending
+    the process."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
+        self._requeue = submitit_signal()
 
     def _handle(self, signum, frame) -> None:
         # No I/O here: the handler may interrupt a write to the same stream.
@@ -39,11 +55,16 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         # Only the main thread may set handlers; elsewhere the signals keep their usual effect.
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            signals = SIGNALS + ((self._requeue,) if self._requeue else ())
+            self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def __exit__(self, *exc) -> None:
         # A multirun runs its jobs in one process: leave the handlers as they were.
-        for s, handler in self._previous.items():
+        previous, self._previous = self._previous, {}
+        for s, handler in previous.items():
             signal.signal(s, handler)
-        self._previous = {}
+        # submitit's handler checkpoints the job itself and requeues it (on rank 0; it does
+        # nothing on the others), ending the process; the requeued job resumes from last.pt.
+        if self.signum is not None and self.signum == self._requeue and callable(previous.get(self.signum)):
+            previous[self.signum](self.signum, None)

@@ -1,18 +1,23 @@
 """Wiring: the Hydra task that builds the parts named by the config and runs the epochs."""
 
 import logging
+import pickle
 import random
 import signal
 import time
 from pathlib import Path
 
+import cloudpickle
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import configure_log
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
-from resnet_lab import checkpoint
+from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import build_data
@@ -37,17 +42,48 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup.Runtime) -> None:
+    if cfg.device.sync_bn and runtime.device.type != "cuda":
+        raise UserError(f"device.sync_bn=true: torch's SyncBatchNorm runs on CUDA only and this run is on "
+                        f"{runtime.device.type}; set device=cuda, or leave device.sync_bn=false")
+    if runtime.device.type == "cuda" and ranks.local_rank >= torch.cuda.device_count():
+        raise UserError(f"{ranks.world_size} ranks: local rank {ranks.local_rank} has no GPU of its own, this "
+                        f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as cfg says, writing into run_dir; returns the final test accuracy."""
+    """Train as cfg says, writing into run_dir; returns the final test accuracy.
+
+    As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
+    every batch under DDP, and only rank 0 writes and reports.
+    """
     validate(cfg)
+    ranks = distributed.from_env()
+    with distributed.process_group(ranks):
+        return _train(cfg, run_dir, ranks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
+    main = ranks.is_main
+    if not main:
+        log.setLevel(logging.ERROR)  # rank 0 speaks for all
     began = time.perf_counter()
     resume_from = checkpoint.to_resume(cfg.trainer.resume, run_dir)
     state = checkpoint.load(resume_from) if resume_from else None
     runtime = device_setup.resolve(cfg.device)
+    check_ranks(cfg, ranks, runtime)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
+                      ranks.rank, ranks.world_size)
     model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
-    forward = torch.compile(model, mode=runtime.compile_mode) if runtime.compile else model
+    if cfg.device.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # The optimizer and checkpoints hold the bare model: a DDP checkpoint resumes in one process.
+    parallel = model
+    if ranks.world_size > 1:
+        parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
+                                           else None)
+    forward = torch.compile(parallel, mode=runtime.compile_mode) if runtime.compile else parallel
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
     scaler = runtime.grad_scaler()
@@ -58,20 +94,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         first_epoch, first_step = state["epoch"], state["step"]
         best_acc, metrics = state["best_acc"], state["metrics"]
         if state["totals"] is not None:
-            totals = RunningTotals.from_state_dict(state["totals"], runtime.device)
+            # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
+            totals = RunningTotals.from_state_dict(state["totals"], runtime.device) if main \
+                else RunningTotals(runtime.device)
+            totals.seconds = state["totals"]["seconds"]
         changes = checkpoint.config_changes(state["config"], cfg)
         log.info(f"{resume_from}: the run has finished" if first_epoch > cfg.trainer.epochs
                  else f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
         if changes:
             log.warning(f"settings differ from the checkpoint's: {'; '.join(changes)}")
-    checkpoint.keep_epochs(run_dir / METRICS_FILE, first_epoch - 1)
+    if main:
+        checkpoint.keep_epochs(run_dir / METRICS_FILE, first_epoch - 1)
 
     params = sum(p.numel() for p in model.parameters())
     log.info(f"{cfg.model.name} ({params:,} parameters) on {cfg.dataset.name} "
              f"({data.train.num_samples} train, {data.test.num_samples} test images), "
              f"{runtime.device.type} {runtime.precision}"
-             f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}; "
-             f"writing to {run_dir}")
+             f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}"
+             f"{f', {ranks.world_size} ranks' if ranks.world_size > 1 else ''}; writing to {run_dir}")
     steps, every = len(data.train), cfg.trainer.checkpoint_every_steps
     last_good = f"{resume_from} (epoch {first_epoch} step {first_step})" if state is not None else None
     # Reading a CPU tensor costs nothing, so on the CPU a diverged loss stops the very step it
@@ -80,8 +120,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     def save(epoch: int, step: int, best: bool = False) -> None:
         nonlocal last_good
-        checkpoints.save(epoch, step, totals=totals and totals.state_dict(), best_acc=best_acc,
-                         metrics=metrics, wandb_run_id=getattr(tracker, "run_id", None), best=best)
+        whole = totals and totals.reduced()
+        if main:
+            checkpoints.save(epoch, step, totals=whole and whole.state_dict(), best_acc=best_acc,
+                             metrics=metrics, wandb_run_id=tracker.run_id, best=best)
+        # No rank runs ahead of a checkpoint: a job killed later resumes from this one.
+        distributed.barrier()
         last_good = f"{checkpoints.folder / checkpoint.LAST} (epoch {epoch} step {step})"
 
     def check_finite(epoch: int) -> None:
@@ -98,9 +142,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # The tracker opens only now, when the run is sure to train: a run that fails while setting
     # up (a resume into another model, say) leaves the folder's status and its W&B run as they
-    # were. A resumed run continues its W&B run rather than starting a second one.
-    with Tracker(run_dir, cfg, resume_id=state and state["wandb_run_id"]) as tracker, \
-            StopSignals() as signals:
+    # were. A resumed run continues its W&B run rather than starting a second one. It closes
+    # before the signals are handed back (to submitit's requeue, under SLURM).
+    with StopSignals() as signals, \
+            Tracker(run_dir, cfg, resume_id=state and state["wandb_run_id"], rank=ranks.rank) as tracker:
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):
             totals = totals or RunningTotals(runtime.device)
             clock = time.perf_counter() - totals.seconds  # a resumed epoch counts its time before the stop
@@ -110,36 +155,58 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 tracker.step((epoch - 1) * steps + step + 1, loss)
                 done = step + 1
                 due = every > 0 and ((epoch - 1) * steps + done) % every == 0 and done < steps
-                if check_every_step or due or signals.signum:
+                signum = distributed.largest(signals.signum or 0)  # all ranks stop at the same step
+                if check_every_step or due or signum:
                     check_finite(epoch)
-                if due or signals.signum:
+                if due or signum:
                     totals.seconds = time.perf_counter() - clock
                     save(epoch, done)
-                if signals.signum:
-                    raise stop(signals.signum, epoch, done)
+                if signum:
+                    raise stop(signum, epoch, done)
 
-            with EpochProgress(cfg.trainer.progress, epoch, cfg.trainer.epochs, steps, first_step) as bar:
+            with EpochProgress(cfg.trainer.progress and main, epoch, cfg.trainer.epochs, steps,
+                               first_step) as bar:
                 train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime, epoch, totals,
                             first_step, on_step)
             check_finite(epoch)
             seconds = time.perf_counter() - clock
-            metrics = {"epoch": epoch, **totals.metrics(), **evaluate(forward, data.test, runtime),
+            whole = totals.reduced()
+            metrics = {"epoch": epoch, **whole.metrics(), **evaluate(forward, data.test, runtime),
                        "lr": scheduler.get_last_lr()[0], "seconds": seconds,
-                       "images_per_s": totals.seen / seconds}
+                       "images_per_s": whole.seen / seconds}
             tracker.epoch(metrics)
             improved = metrics["test_acc"] > best_acc
             best_acc = max(best_acc, metrics["test_acc"])
             totals, first_step = None, 0
             save(epoch + 1, 0, best=improved)
-            if signals.signum and epoch < cfg.trainer.epochs:
-                raise stop(signals.signum, epoch + 1, 0)
-        if cfg.trainer.save_weights:
+            signum = distributed.largest(signals.signum or 0)
+            if signum and epoch < cfg.trainer.epochs:
+                raise stop(signum, epoch + 1, 0)
+        if cfg.trainer.save_weights and main:
             torch.save(model.state_dict(), run_dir / "model.pt")
             tracker.weights(run_dir / "model.pt")
         tracker.finish({"params": params, "total_seconds": time.perf_counter() - began})
     return metrics["test_acc"]
 
 
+def spawned_rank(cfg: DictConfig, run_dir: Path, hydra_state: bytes) -> float:
+    """One rank of device.world_size, in a fresh process: the job's Hydra state (its logging,
+    the identity its W&B run takes) is set again first, as Hydra's submitit launcher does."""
+    Singleton.set_state(pickle.loads(hydra_state))
+    configure_log(HydraConfig.get().job_logging)
+    return train(cfg, run_dir)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    world_size, ranks = cfg.device.world_size, distributed.from_env()
+    if world_size > 1 and ranks.world_size > 1:
+        raise UserError(f"device.world_size={world_size}: this process is already rank {ranks.rank} of "
+                        f"{ranks.world_size} (torchrun or SLURM set the ranks); leave device.world_size at 1")
+    if world_size > 1:
+        validate(cfg)  # one message from here rather than one per rank
+        # cloudpickle: Hydra's state holds resolvers that are local functions.
+        hydra_state = cloudpickle.dumps(Singleton.get_state())
+        return distributed.spawn(world_size, spawned_rank, cfg, run_dir, hydra_state)
+    return train(cfg, run_dir)

@@ -20,8 +20,14 @@ class Data:
     num_classes: int
 
 
-def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False) -> Data:
-    """Read the dataset named by cfg.name and wrap its splits in loaders for `device`."""
+def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
+               rank: int = 0, world_size: int = 1) -> Data:
+    """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
+    giving this rank its part of every batch."""
+    if trainer.batch_size % world_size:
+        raise UserError(f"trainer.batch_size={trainer.batch_size}: the global batch must divide by the "
+                        f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "
+                        f"use a multiple of {world_size}")
     train, test, num_classes = DATASETS.get(cfg.name)(cfg)
     if isinstance(train, TensorSplit):
         stats_images = train.images
@@ -37,11 +43,12 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
         make = DeviceLoader
     else:
         make = functools.partial(HostLoader, num_workers=cfg.num_workers)
+    shard = {"rank": rank, "world_size": world_size}
     return Data(
         train=make(train, trainer.batch_size, normalizer, shuffle=True, seed=seed,
-                   augment=cfg.augment != "none", limit=trainer.limit_train_batches),
+                   augment=cfg.augment != "none", limit=trainer.limit_train_batches, **shard),
         test=make(test, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
-                  limit=trainer.limit_eval_batches),
+                  limit=trainer.limit_eval_batches, **shard),
         in_channels=stats_images.shape[1],
         num_classes=num_classes,
     )

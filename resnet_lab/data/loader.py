@@ -1,10 +1,11 @@
 """Batches on the training device: uint8 images in, normalised (and augmented) float batches out.
 
 Every batch is a pure function of (seed, epoch, batch index), so a run resumed mid-epoch sees
-exactly the batches an uninterrupted run would have seen.
+exactly the batches an uninterrupted run would have seen. With several ranks, batch i is the same
+global batch as for one rank, and rank r takes its contiguous part of it: N ranks see what one
+would, and each batch stays a pure function of (seed, epoch, batch index, rank).
 """
 
-import math
 import signal
 from dataclasses import dataclass
 from typing import Iterator, Tuple
@@ -54,20 +55,23 @@ class Normalizer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
 
-    def __call__(self, images: torch.Tensor, augment_seed: int = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, augment_seed: int = None, part: slice = None,
+                 total: int = None) -> torch.Tensor:
+        """`part`: where these images lie in their global batch of `total`, for which the random
+        augmentation is drawn (so that a rank's part is augmented as in one rank's batch)."""
         if augment_seed is not None:
-            images = self.flip_crop(images, augment_seed)
+            images = self.flip_crop(images, augment_seed, part or slice(0, len(images)), total or len(images))
         x = (images.float() - self.shift) * self.scale
         return x.contiguous(memory_format=self.memory_format)
 
-    def flip_crop(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def flip_crop(self, images: torch.Tensor, seed: int, part: slice, total: int) -> torch.Tensor:
         n, c, h, w = images.shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        flip = torch.rand(n, device=self.device, generator=gen) < 0.5
+        flip = torch.rand(total, device=self.device, generator=gen)[part] < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
         padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-        dy = torch.randint(0, 2 * PAD + 1, (n, 1), device=self.device, generator=gen)
-        dx = torch.randint(0, 2 * PAD + 1, (n, 1), device=self.device, generator=gen)
+        dy = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
+        dx = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
         rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
         cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)
@@ -76,16 +80,36 @@ class Normalizer:
 
 
 class Loader:
-    """Shared by both loaders: the epoch's seeded order, the batch count, and normalisation."""
+    """Shared by both loaders: the epoch's seeded order, the batch count, this rank's part of
+    each batch, and normalisation. `batch_size` is the global batch, over all ranks."""
 
     def __init__(self, num_samples: int, batch_size: int, normalizer: Normalizer, *,
-                 shuffle: bool, augment: bool = False, seed: int = 0, limit: int = 0):
+                 shuffle: bool, augment: bool = False, seed: int = 0, limit: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.num_samples, self.batch_size, self.normalize = num_samples, batch_size, normalizer
         self.shuffle, self.augment, self.seed, self.limit = shuffle, augment, seed, limit
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        n = math.ceil(self.num_samples / self.batch_size)
+        # Every rank gets at least one image of every batch: a final batch smaller than the
+        # world is left out (at most world_size - 1 images).
+        n = self.num_samples // self.batch_size + (self.num_samples % self.batch_size >= self.world_size)
         return min(n, self.limit) if self.limit else n
+
+    def global_size(self, index: int) -> int:
+        """The number of images in global batch `index`, over all ranks."""
+        return min(self.batch_size, self.num_samples - index * self.batch_size)
+
+    def part(self, index: int) -> slice:
+        """Where this rank's images lie in global batch `index`."""
+        # As torch.tensor_split: the first n % world_size ranks take one image more.
+        n, world, rank = self.global_size(index), self.world_size, self.rank
+        start = rank * (n // world) + min(rank, n % world)
+        return slice(start, start + n // world + (rank < n % world))
+
+    def indices(self, order: torch.Tensor, index: int) -> torch.Tensor:
+        """This rank's sample indices of global batch `index` in the epoch's `order`."""
+        return order[index * self.batch_size:(index + 1) * self.batch_size][self.part(index)]
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -97,7 +121,7 @@ class Loader:
         """The normalised batches of one epoch, from batch index `start` on."""
         for i, (images, labels) in enumerate(self.raw_batches(epoch, start), start):
             seed = batch_seed(self.seed, epoch, i) if self.augment else None
-            yield self.normalize(images, seed), labels
+            yield self.normalize(images, seed, self.part(i), self.global_size(i)), labels
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError
@@ -114,7 +138,7 @@ class DeviceLoader(Loader):
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         order = self.order(epoch).to(self.images.device, non_blocking=True)
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = self.indices(order, i)
             yield self.images[idx], self.labels[idx]
 
 
@@ -133,10 +157,11 @@ class HostLoader(Loader):
         self.dataset, self.num_workers = dataset, num_workers
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        order = self.order(epoch)[start * self.batch_size:len(self) * self.batch_size].tolist()
+        order = self.order(epoch)
+        batches = [self.indices(order, i).tolist() for i in range(start, len(self))]
         device = self.normalize.device
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order,
+            self.dataset, batch_sampler=batches,
             num_workers=self.num_workers, pin_memory=device.type == "cuda",
             worker_init_fn=_ignore_stop_signals,
         )
