@@ -10,11 +10,11 @@ Pipelines, all on Fashion-MNIST from DIR at one batch size, fed full batches of 
                    in plain torch: the limit of the hardware for those settings
   resnet_lab       resnet_lab.engine.train_epoch with the package's own loader, model,
                    optimizer and scheduler, built from the config (eager fp32, as bare)
-  bare_best,       the same two at the device's best settings (BEST below)
+  bare_best,       the same two at the device's best settings (`settings` below)
   resnet_lab_best
 
 Each pipeline lives in its own child process, so its peak memory is its own; the parent runs
-them in turn, round after round (A B C D E, A B C D E, ...), and reports medians, because the
+them in turn, round after round (A B C D E, B C D E A, ...), and reports medians, because the
 speed of a shared machine drifts over minutes.
 """
 
@@ -32,18 +32,18 @@ from pathlib import Path
 
 PIPELINES = ("baseline", "bare", "resnet_lab", "bare_best", "resnet_lab_best")
 EAGER = {"precision": "fp32", "channels_last": False, "compile": False}
-# The fastest measured settings per device (README, "Speed"); compile stays off on the CPU,
-# where it gained nothing in steady state and costs half a minute of compilation.
-BEST = {
-    "cpu": {"precision": "bf16", "channels_last": True, "compile": False},
-    "cuda": {"precision": "bf16", "channels_last": True, "compile": True},
-}
 SAMPLE_S = 0.1  # how often the parent reads each pipeline's memory
 SETTLE_S = 0.5  # after a baseline round its workers refill their queue: let them, not the next pipeline
 
 
 def settings(name: str, device: str) -> dict:
-    return BEST[device] if name.endswith("_best") else EAGER
+    """EAGER, or for the _best pipelines the device's defaults, compiled on CUDA only: on the
+    CPU compilation gained nothing in steady state and costs half a minute (README, "Speed")."""
+    if not name.endswith("_best"):
+        return EAGER
+    from resnet_lab.device import defaults
+
+    return {**defaults(device), "compile": device == "cuda"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +328,15 @@ def cpu_wait_us():
         return None
 
 
+def cpu_ticks():
+    """(all, stolen) CPU ticks since boot: stolen is time the hypervisor gave to other machines."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values[:8]), values[7]
+
+
 def measure(args) -> dict:
     load_start, wait_start, start = os.getloadavg(), cpu_wait_us(), time.monotonic()
+    ticks_start = cpu_ticks()
     children = {name: Child(name, args) for name in PIPELINES}
     watch = MemoryWatch([c.proc.pid for c in children.values()])
     watch.start()
@@ -341,8 +348,9 @@ def measure(args) -> dict:
     for name, c in children.items():
         warmup[name] = c.ask({"run": args.warmup})["seconds"]
     for r in range(args.rounds):
-        for name, c in children.items():
-            reply = c.ask({"run": per_round})
+        order = PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]  # no fixed neighbours
+        for name in order:
+            reply = children[name].ask({"run": per_round})
             rates[name].append(reply["images"] / reply["seconds"])
             if name == "baseline":
                 time.sleep(SETTLE_S)
@@ -365,6 +373,7 @@ def measure(args) -> dict:
         }
     watch.stopped.set()
     wait_end, seconds = cpu_wait_us(), time.monotonic() - start
+    ticks = [end - begin for end, begin in zip(cpu_ticks(), ticks_start)]
     speed = {name: r["images_per_s"] for name, r in results.items()}
     return {
         "device": args.device,
@@ -380,6 +389,7 @@ def measure(args) -> dict:
             "loadavg_start": load_start[0],
             "loadavg_end": os.getloadavg()[0],
             "cpu_wait_share": None if wait_start is None else (wait_end - wait_start) / (seconds * 1e6),
+            "cpu_steal_share": ticks[1] / max(ticks[0], 1),
         },
         "results": results,
         "ratios": {
@@ -404,7 +414,7 @@ def report(out: dict) -> str:
     c = out["conditions"]
     wait = "" if c["cpu_wait_share"] is None else f", some task waiting for a CPU {c['cpu_wait_share']:.0%} of the time"
     lines.append(f"{c['seconds']:.0f} s; load average {c['loadavg_start']:.1f} at the start, "
-                 f"{c['loadavg_end']:.1f} at the end{wait}")
+                 f"{c['loadavg_end']:.1f} at the end{wait}; {c['cpu_steal_share']:.0%} of CPU time stolen")
     return "\n".join(lines)
 
 
@@ -413,7 +423,7 @@ def parse_args(argv=None):
     p.add_argument("--root", required=True, help="folder holding FashionMNIST/raw/*-ubyte")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--steps", type=int, default=240, help="measured steps per pipeline, in all rounds")
-    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds; the report takes medians")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds; the report takes medians")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per pipeline before round 1")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--width", type=int, default=64, help="base channels of both networks")

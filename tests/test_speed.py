@@ -21,7 +21,8 @@ def test_benchmark_tiny_run_writes_every_field(fmnist_root, tmp_path, python):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["steps"] == 4 and result["rounds"] == 2
-    assert set(result["conditions"]) == {"seconds", "loadavg_start", "loadavg_end", "cpu_wait_share"}
+    assert set(result["conditions"]) == {"seconds", "loadavg_start", "loadavg_end", "cpu_wait_share",
+                                         "cpu_steal_share"}
     assert set(result["results"]) == set(PIPELINES)
     for name, r in result["results"].items():
         assert set(FIELDS) <= set(r), name
