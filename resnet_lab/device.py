@@ -7,9 +7,10 @@ import torch
 
 from resnet_lab.errors import UserError
 
-# Defaults for settings left null, per device, chosen from measurements (README, "Speed"):
-# on the 2-core AVX2 CPU channels_last gave +10-15% and bf16 (no bf16 units) was slower than
-# fp32; on CUDA, bf16 autocast and channels_last feed the tensor cores.
+# Defaults for settings left null, per device, chosen from measurements (README, "Speed").
+# CPU: channels_last helps or is neutral; bf16 autocast is the fastest precision where the CPU
+# has bf16 instructions and slower than fp32 where it emulates them (see `defaults`).
+# CUDA: bf16 autocast and channels_last feed the tensor cores.
 DEFAULTS = {
     "cpu": {"precision": "fp32", "channels_last": True},
     "cuda": {"precision": "bf16", "channels_last": True},
@@ -42,6 +43,21 @@ class Runtime:
         return model
 
 
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 (also on every AMX CPU); torch has no public check, so the private one."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def defaults(kind: str) -> dict:
+    """The measured defaults for a device kind, adjusted to this machine's bf16 support."""
+    if kind == "cpu" and cpu_has_bf16():
+        return {**DEFAULTS["cpu"], "precision": "bf16"}
+    if kind == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return {**DEFAULTS["cuda"], "precision": "fp16"}  # before Ampere: fp16 tensor cores only
+    return DEFAULTS[kind]
+
+
 def _available(kind: str) -> bool:
     if kind == "cuda":
         return torch.cuda.is_available()
@@ -56,11 +72,11 @@ def resolve(cfg) -> Runtime:
         kind = next(k for k in ("cuda", "mps", "cpu") if _available(k))
     elif not _available(kind):
         raise UserError(f"device={kind}: no {kind} device is available here; use device=auto or device=cpu")
-    defaults = DEFAULTS[kind]
-    precision = cfg.precision or defaults["precision"]
+    chosen = defaults(kind)
+    precision = cfg.precision or chosen["precision"]
     if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("device.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    channels_last = defaults["channels_last"] if cfg.channels_last is None else cfg.channels_last
+    channels_last = chosen["channels_last"] if cfg.channels_last is None else cfg.channels_last
     return Runtime(torch.device(kind), precision, channels_last, cfg.compile, cfg.compile_mode)
