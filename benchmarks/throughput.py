@@ -167,7 +167,7 @@ def resnet_lab(args, device, s):
     from resnet_lab import device as device_setup
     from resnet_lab.config import register_configs, validate
     from resnet_lab.data import build_data
-    from resnet_lab.engine import train_epoch
+    from resnet_lab.engine import RunningTotals, train_epoch
     from resnet_lab.models import build_model
     from resnet_lab.optim import build_optimizer, build_scheduler
 
@@ -199,8 +199,9 @@ def resnet_lab(args, device, s):
                 epoch, start = epoch + 1, 0
             chunk = min(steps, full_batches - start)
             data.train.limit = start + chunk  # train_epoch runs to the loader's end: the chunk's
-            images += train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime, epoch,
-                                  start=start)["images"]
+            totals = RunningTotals(runtime.device)
+            train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime, epoch, totals, start)
+            images += totals.seen
             start, steps = start + chunk, steps - chunk
         return images
 

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from resnet_lab import device as device_setup
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.engine import train_epoch
+from resnet_lab.engine import RunningTotals, train_epoch
 from resnet_lab.models import MODELS
 
 
@@ -33,9 +33,10 @@ def train_steps(rt, steps=2):
     forward = torch.compile(model, mode=rt.compile_mode) if rt.compile else model  # as train.py
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    metrics = train_epoch(forward, loader, optimizer, scheduler, rt.grad_scaler(), rt, epoch=1)
+    totals = RunningTotals(rt.device)
+    train_epoch(forward, loader, optimizer, scheduler, rt.grad_scaler(), rt, 1, totals)
     change = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
-    return metrics["train_loss"], change
+    return totals.metrics()["train_loss"], change
 
 
 @pytest.fixture(scope="module")
