@@ -59,12 +59,15 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         # A multirun runs its jobs in one process: leave the handlers as they were.
         previous, self._previous = self._previous, {}
         for s, handler in previous.items():
             signal.signal(s, handler)
         # submitit's handler checkpoints the job itself and requeues it (on rank 0; it does
         # nothing on the others), ending the process; the requeued job resumes from last.pt.
-        if self.signum is not None and self.signum == self._requeue and callable(previous.get(self.signum)):
+        # Only a run that stopped for the signal is requeued: one that finished, or failed, in
+        # the meantime keeps its result.
+        if (isinstance(exc, Stopped) and self.signum == self._requeue
+                and callable(previous.get(self.signum))):
             previous[self.signum](self.signum, None)

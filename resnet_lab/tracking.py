@@ -189,7 +189,11 @@ class Tracker:
         if self.wandb is not None and global_step % self.log_every == 0:
             self.wandb.log({"global_step": global_step, "train_loss_step": loss.item()})
 
-    def epoch(self, metrics: Dict[str, float]) -> None:
+    def epoch(self, metrics: Dict[str, float], global_step: Optional[int] = None) -> None:
+        """One epoch's row; global_step, when given, is the step it ends at (a resumed epoch
+        whose steps all ran before the stop calls step() no more)."""
+        if global_step is not None:
+            self.global_step = global_step
         if not self.main:
             return
         log.info(format_epoch(metrics, self.epochs))

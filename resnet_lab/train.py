@@ -142,10 +142,13 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
 
     # The tracker opens only now, when the run is sure to train: a run that fails while setting
     # up (a resume into another model, say) leaves the folder's status and its W&B run as they
-    # were. A resumed run continues its W&B run rather than starting a second one. It closes
-    # before the signals are handed back (to submitit's requeue, under SLURM).
+    # were. A run resumed in its own folder continues its W&B run rather than starting a second
+    # one; a new folder started from another run's checkpoint gets a W&B run of its own. The
+    # tracker closes before the signals are handed back (to submitit's requeue, under SLURM).
+    own_last = (run_dir / checkpoint.FOLDER / checkpoint.LAST).resolve()
+    own_run_id = state["wandb_run_id"] if resume_from and resume_from.resolve() == own_last else None
     with StopSignals() as signals, \
-            Tracker(run_dir, cfg, resume_id=state and state["wandb_run_id"], rank=ranks.rank) as tracker:
+            Tracker(run_dir, cfg, resume_id=own_run_id, rank=ranks.rank) as tracker:
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):
             totals = totals or RunningTotals(runtime.device)
             clock = time.perf_counter() - totals.seconds  # a resumed epoch counts its time before the stop
@@ -174,7 +177,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
             metrics = {"epoch": epoch, **whole.metrics(), **evaluate(forward, data.test, runtime),
                        "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                        "images_per_s": whole.seen / seconds}
-            tracker.epoch(metrics)
+            tracker.epoch(metrics, global_step=epoch * steps)
             improved = metrics["test_acc"] > best_acc
             best_acc = max(best_acc, metrics["test_acc"])
             totals, first_step = None, 0

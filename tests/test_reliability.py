@@ -2,6 +2,7 @@
 bit-identical to one that never stopped; checkpoint writes are atomic; signals and a diverged
 loss stop training cleanly."""
 
+import contextlib
 import errno
 import json
 import math
@@ -20,7 +21,7 @@ from PIL import Image
 from resnet_lab import checkpoint
 from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
-from resnet_lab.preemption import StopSignals
+from resnet_lab.preemption import StopSignals, Stopped
 from resnet_lab.train import train
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
@@ -299,3 +300,39 @@ def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_run_id']}"))
     assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["state"]
     assert state["best_acc"] == state["metrics"]["test_acc"]
+
+
+@pytest.mark.parametrize("ending", ["stopped", "finished", "failed"])
+def test_submitit_requeues_only_a_run_that_stopped_for_its_signal(ending, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    try:
+        with pytest.raises((Stopped, UserError)) if ending != "finished" else contextlib.nullcontext():
+            with StopSignals() as signals:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                assert signals.signum == signal.SIGUSR2
+                if ending == "stopped":
+                    raise Stopped(signals.signum)
+                if ending == "failed":
+                    raise UserError("the loss became NaN")
+        # submitit's handler (here: the recorder) runs only for the stop the signal asked for.
+        assert requeued == ([signal.SIGUSR2] if ending == "stopped" else [])
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_new_folder_resumed_from_another_runs_checkpoint_gets_its_own_wandb_run(fmnist_root, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2"), first)
+    start_from = first / checkpoint.FOLDER / checkpoint.LAST
+    first_id = checkpoint.load(start_from)["wandb_run_id"]
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=2", "trainer.limit_train_batches=2",
+                   f"trainer.resume={start_from}"), second)
+    second_id = checkpoint.load(second / checkpoint.FOLDER / checkpoint.LAST)["wandb_run_id"]
+    assert second_id and second_id != first_id
+    assert read_run(second).run.run_id == second_id
+    assert epochs(second) == [2]  # it continued training from the first run's epoch 1

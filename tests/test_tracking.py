@@ -163,3 +163,11 @@ def test_auto_mode_is_online_only_with_an_api_key_and_online_needs_one(tmp_path)
 def test_a_bad_logger_mode_is_one_clear_line():
     with pytest.raises(UserError, match="logger.mode=onlin: must be one of auto, online, offline, disabled"):
         validate(cfg_with("logger.mode=onlin"))
+
+
+def test_an_epoch_row_takes_the_step_it_ends_at(tmp_path):
+    # A run resumed after its epoch's last step trains no step before the epoch's row.
+    with Tracker(tmp_path, cfg_with()) as tracker:
+        tracker.epoch(epoch_row(3, 0.5), global_step=12)
+        tracker.finish({})
+    assert [h["global_step"] for h in read_run(tmp_path).history if "epoch" in h] == [12]
