@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,16 @@ def test_sync_bn_off_cuda_is_a_clear_error(fmnist_root, tmp_path):
     with pytest.raises(UserError, match=r"device.sync_bn=true: .*CUDA only and this run is on cpu"):
         train(tiny_cfg(f"dataset.root={fmnist_root}", *TINY, "device.sync_bn=true"), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(fmnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder goes")
+    began = time.monotonic()
+    proc = cli([f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "device.world_size=2",
+                f"hydra.run.dir={run_dir}"], tmp_path)
+    # Every rank stops at the failed checkpoint: none waits there for the launcher's grace period.
+    assert time.monotonic() - began < distributed.GRACE_S
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "could not write checkpoint" in proc.stderr.strip().splitlines()[-1]
