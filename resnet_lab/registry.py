@@ -30,6 +30,3 @@ class Registry:
 
     def names(self):
         return sorted(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries

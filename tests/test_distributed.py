@@ -24,7 +24,7 @@ from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
-from tests.test_reliability import epochs, freeze_at, fresh_env, tiny_cfg
+from tests.test_reliability import epochs, freeze_at, fresh_env, start, tiny_cfg
 from tests.wandb_file import read_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,11 +183,8 @@ def test_multirun_under_torchrun_is_refused():
 
 def test_a_stopped_ddp_run_resumes_in_one_process(fmnist_root, tmp_path):
     run_dir = tmp_path / "run"
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", f"dataset.root={fmnist_root}", *TINY,
-                             "trainer.epochs=2", "trainer.checkpoint_every_steps=1", "device.world_size=2",
-                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=fresh_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start([f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=2", "trainer.checkpoint_every_steps=1",
+                  "device.world_size=2"], run_dir, start_new_session=True)
     try:
         freeze_at(proc, run_dir, (1, 2), group=True)
         # SIGTERM to the launching process alone: it passes it on to the ranks.
