@@ -135,10 +135,11 @@ def bare(args, device, s):
     x = data.data[:args.batch_size].unsqueeze(1).float().div(255).to(device)
     y = data.targets[:args.batch_size].to(device)
     model = MODELS.get("resnet18")(in_channels=1, num_classes=10, width=args.width).to(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as resnet_lab's runtime sets it
     if s["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    forward = torch.compile(model) if s["compile"] else model
+    forward = torch.compile(model, dynamic=False) if s["compile"] else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s["precision"])
     scaler = torch.amp.GradScaler(device.type, enabled=s["precision"] == "fp16")
@@ -184,7 +185,7 @@ def resnet_lab(args, device, s):
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
     model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
-    forward = torch.compile(model, mode=runtime.compile_mode) if runtime.compile else model
+    forward = runtime.compiled(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
     scaler = runtime.grad_scaler()

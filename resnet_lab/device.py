@@ -36,6 +36,12 @@ class Runtime:
         # Only fp16 needs loss scaling; a disabled scaler passes everything through.
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+    def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model compiled when asked, else itself. Static shapes: with automatic dynamic
+        shapes, the short last batch of an epoch would switch every later full batch to a slower
+        dynamic-shape graph; a graph per batch shape (train, last, eval) stays well in the cache."""
+        return torch.compile(model, mode=self.compile_mode, dynamic=False) if self.compile else model
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
         if self.channels_last:
@@ -74,7 +80,8 @@ def resolve(cfg) -> Runtime:
         raise UserError(f"device={kind}: no {kind} device is available here; use device=auto or device=cpu")
     chosen = defaults(kind)
     precision = cfg.precision or chosen["precision"]
-    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+    # Pre-Ampere GPUs can hold bf16 tensors but only emulate its arithmetic, slowly.
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("device.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels

@@ -94,19 +94,21 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
             on_step(step, loss)
 
 
-@torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[str, float]:
     model.eval()
     device = runtime.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y in loader.batches(0):
-        with runtime.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+    # A compiled model that alternates between inference mode and training can fail
+    # (pytorch/pytorch#135892); no_grad costs it nothing measurable.
+    with torch.no_grad() if runtime.compile else torch.inference_mode():
+        for x, y in loader.batches(0):
+            with runtime.autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
     distributed.all_reduce(loss_sum)
     distributed.all_reduce(correct)
     seen = int(distributed.all_reduce(torch.tensor(seen, device=device)))

@@ -10,23 +10,26 @@ OPTIMIZERS = Registry("optimizer")
 
 
 @OPTIMIZERS.register()
-def adam(params, cfg):
-    return optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def adam(params, cfg, fused):
+    return optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
 
 
 @OPTIMIZERS.register()
-def adamw(params, cfg):
-    return optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def adamw(params, cfg, fused):
+    return optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
 
 
 @OPTIMIZERS.register()
-def sgd(params, cfg):
+def sgd(params, cfg, fused):
     return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                     weight_decay=cfg.weight_decay)
+                     weight_decay=cfg.weight_decay, fused=fused)
 
 
 def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(model.parameters(), cfg)
+    # On CUDA the fused kernels update every parameter in one launch, and they take fp16's
+    # loss scaling without the grad scaler reading the device each step.
+    fused = next(model.parameters()).is_cuda or None
+    return OPTIMIZERS.get(cfg.name)(model.parameters(), cfg, fused)
 
 
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,

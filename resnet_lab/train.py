@@ -1,6 +1,7 @@
 """Wiring: the Hydra task that builds the parts named by the config and runs the epochs."""
 
 import logging
+import os
 import pickle
 import random
 import signal
@@ -38,6 +39,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace to repeat itself; read when CUDA first starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
@@ -72,7 +75,9 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     state = checkpoint.load(resume_from) if resume_from else None
     runtime = device_setup.resolve(cfg.device)
     check_ranks(cfg, ranks, runtime)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    # Its own seed per rank for dropout's masks; the weights start as rank 0's (DDP copies them)
+    # and the batches are a function of cfg.seed alone.
+    seed_everything(cfg.seed + ranks.rank, cfg.trainer.deterministic)
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
                       ranks.rank, ranks.world_size)
     model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
@@ -83,7 +88,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     if ranks.world_size > 1:
         parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
                                            else None)
-    forward = torch.compile(parallel, mode=runtime.compile_mode) if runtime.compile else parallel
+    forward = runtime.compiled(parallel)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
     scaler = runtime.grad_scaler()
@@ -91,6 +96,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     first_epoch, first_step, totals, best_acc, metrics = 1, 0, None, -1.0, {}
     if state is not None:
         checkpoints.restore(state, resume_from)
+        if not main:  # the random state saved is rank 0's
+            torch.manual_seed(cfg.seed + ranks.rank)
         first_epoch, first_step = state["epoch"], state["step"]
         best_acc, metrics = state["best_acc"], state["metrics"]
         if state["totals"] is not None:
@@ -195,7 +202,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
             if signum and epoch < cfg.trainer.epochs:
                 raise stop(signum, epoch + 1, 0)
         if cfg.trainer.save_weights and main:
-            torch.save(model.state_dict(), run_dir / "model.pt")
+            # CPU tensors: the weights load anywhere, without a map_location.
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
             tracker.weights(run_dir / "model.pt")
         tracker.finish({"params": params, "total_seconds": time.perf_counter() - began})
     return metrics["test_acc"]

@@ -1,8 +1,13 @@
-"""The throughput benchmark, in its tiny mode: it runs every pipeline and writes the full JSON."""
+"""The benchmarks in their tiny modes: throughput runs every pipeline and writes the full JSON;
+time_to_accuracy stops a real run at its target; gpu_check runs them all."""
 
 import json
 import math
+import os
 import subprocess
+from pathlib import Path
+
+import torch
 
 from tests.conftest import ROOT
 
@@ -41,3 +46,49 @@ def test_benchmark_says_where_the_data_is_missing(tmp_path, python):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "train-images-idx3-ubyte" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def time_to_accuracy(python, root, out, *args):
+    return subprocess.run(
+        [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(root), "--device", "cpu",
+         "--json", str(out), *args, "model.width=4", "trainer.batch_size=32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_time_to_accuracy_stops_the_run_at_the_target(fmnist_root, tmp_path, python):
+    out, run_dir = tmp_path / "tta.json", tmp_path / "run"
+    proc = time_to_accuracy(python, fmnist_root, out, "--target", "0.01", "--max-epochs", "20",
+                            "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reached"] and result["epoch"] == 1 and result["test_acc"] >= 0.01
+    assert result["wall_s"] > result["train_s"] > 0  # from launch: start-up and evaluation count
+    assert "model.stem=cifar" in result["overrides"] and "dataset.augment=flip_crop" in result["overrides"]
+    # Stopped (SIGTERM) long before its 20 epochs, with the run's own checkpoint written.
+    assert (run_dir / "status").read_text().strip() == "stopped"
+    assert len(result["epochs"]) < 20 and (run_dir / "checkpoints" / "last.pt").exists()
+
+
+def test_time_to_accuracy_reports_a_target_not_reached(fmnist_root, tmp_path, python):
+    out = tmp_path / "tta.json"
+    proc = time_to_accuracy(python, fmnist_root, out, "--target", "1.0", "--max-epochs", "1",
+                            "trainer.limit_train_batches=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["reached"] and result["wall_s"] is None and len(result["epochs"]) == 1
+    assert "not reached in 1 epochs" in proc.stdout
+
+
+def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path, python):
+    # Here, without a GPU, the CUDA tests skip and the two benchmarks stop at once: what is
+    # checked is that each step runs under its limit and lands in OUT.
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(fmnist_root), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert [line.split()[0] for line in (out / "status.txt").read_text().splitlines()] == \
+        ["tests", "throughput", "time_to_accuracy"], proc.stdout[-3000:]
+    if not torch.cuda.is_available():
+        assert (out / "status.txt").read_text() == "tests 0\nthroughput 1\ntime_to_accuracy 1\n"
+        assert "needs a CUDA GPU" in (out / "tests.log").read_text()
+        assert "no CUDA device" in (out / "throughput.log").read_text()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a GPU machine lent for a few minutes: the CUDA tests, the
+# throughput benchmark and the seconds to 92% Fashion-MNIST test accuracy. Each step has a time
+# limit, so one that hangs leaves time for the rest; logs and JSON results go into OUT.
+#
+#   bash benchmarks/gpu_check.sh DATA_ROOT OUT     (DATA_ROOT holds FashionMNIST/raw/*-ubyte)
+set -u -o pipefail
+root=${1:?usage: bash benchmarks/gpu_check.sh DATA_ROOT OUT}
+out=${2:?usage: bash benchmarks/gpu_check.sh DATA_ROOT OUT}
+limit=${GPU_CHECK_LIMIT_S:-170}  # seconds per step
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
+cd "$(dirname "$0")/.."
+
+step() {  # step NAME COMMAND...: run it under the time limit, its output to OUT/NAME.log
+    local name=$1 status
+    shift
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    status=$?
+    echo "== $name: exit status $status"
+    echo "$name $status" >>"$out/status.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
+step tests python -m pytest -q -rs tests/test_cuda.py tests/test_device.py
+step throughput python benchmarks/throughput.py --root "$root" --device cuda --json "$out/throughput.json"
+step time_to_accuracy python benchmarks/time_to_accuracy.py --root "$root" --device cuda \
+    --json "$out/time_to_accuracy.json"

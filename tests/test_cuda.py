@@ -1,0 +1,87 @@
+"""The whole run on a CUDA GPU (skipped without one): each device setting end to end, a stop
+and resume, checkpoints moving between the GPU and the CPU, and two ranks over NCCL."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from resnet_lab import checkpoint
+from resnet_lab.optim import build_optimizer
+from resnet_lab.train import train
+from tests.test_reliability import TINY, freeze_at, start, tiny_cfg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# test_reliability's tiny run (3 epochs of 6 steps), at the GPU's settings.
+GPU = ["device=cuda", "device.precision=null", "device.channels_last=null", "trainer.deterministic=false",
+       "trainer.checkpoint_every_steps=0", "logger=none"]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("settings", [
+    [],  # the GPU's defaults: bf16 (fp16 before Ampere), channels_last, cudnn.benchmark
+    ["device.precision=fp16"],
+    ["device.precision=fp32", "device.channels_last=false"],
+    ["device.compile=true"],
+], ids=["defaults", "fp16", "fp32-eager", "compile"])
+def test_run_trains_on_the_gpu(fmnist_root, tmp_path, settings):
+    acc = train(tiny_cfg(f"dataset.root={fmnist_root}", *GPU, *settings), tmp_path)
+    metrics = rows(tmp_path)
+    assert [r["epoch"] for r in metrics] == [1, 2, 3]
+    assert all(math.isfinite(r["train_loss"]) for r in metrics)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # it learns
+    assert acc == metrics[-1]["test_acc"] and 0 <= acc <= 1
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)  # saved as CPU tensors
+    assert all(w.device.type == "cpu" and torch.isfinite(w.float()).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_are_fused_on_the_gpu(name):
+    cfg = tiny_cfg(f"optim={name}")
+    assert build_optimizer(torch.nn.Linear(2, 2).cuda(), cfg.optim).param_groups[0]["fused"] is True
+    assert not build_optimizer(torch.nn.Linear(2, 2), cfg.optim).param_groups[0]["fused"]
+
+
+def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *TINY, *GPU, "trainer.checkpoint_every_steps=1"]
+    proc = start(args, run_dir)
+    try:
+        freeze_at(proc, run_dir, (1, 2))
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        proc.kill()
+    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] >= 2 and "cuda" in state["rng"]
+    # The same command again: the GPU run continues to its end.
+    proc = start(args, run_dir)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3]
+    # Its last checkpoint, one epoch further, on the CPU.
+    cpu_dir = tmp_path / "cpu"
+    cpu_dir.mkdir()
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "device=cpu", "trainer.epochs=4",
+                   f"trainer.resume={run_dir / checkpoint.FOLDER / checkpoint.LAST}"), cpu_dir)
+    assert [r["epoch"] for r in rows(cpu_dir)] == [4]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_train_one_run_over_nccl(fmnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", f"dataset.root={fmnist_root}", *TINY, *GPU,
+                           "device.world_size=2", "device.sync_bn=true", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks" in proc.stdout + proc.stderr
+    assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3]
+    assert (run_dir / "model.pt").exists()
