@@ -51,6 +51,22 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
+def nothing_to_train(state: dict, path: Path, own: bool, epochs: int) -> float:
+    """The final test accuracy of a run that has trained trainer.epochs epochs or more already.
+
+    In its own folder (the same command again, a requeued sweep job) it returns at once and
+    touches nothing: the weights, metrics, status, checkpoints and W&B run stay as they were.
+    Into a new folder there is nothing to train and nothing to copy: a mistake.
+    """
+    done, acc = state["epoch"] - 1, state["metrics"]["test_acc"]
+    if not own:
+        raise UserError(f"trainer.resume={path}: that run has trained {done} epochs and trainer.epochs={epochs} "
+                        f"leaves nothing to train; set trainer.epochs above {done} to train it further")
+    log.info(f"this run has finished its {done} epochs, final test acc {acc:.4f}: nothing to train "
+             f"(trainer.epochs above {done} trains it further)")
+    return acc
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as cfg says, writing into run_dir; returns the final test accuracy.
 
@@ -70,6 +86,10 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     began = time.perf_counter()
     resume_from = checkpoint.to_resume(cfg.trainer.resume, run_dir)
     state = checkpoint.load(resume_from) if resume_from else None
+    own_last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    own = resume_from is not None and resume_from.resolve() == own_last.resolve()
+    if state is not None and state["epoch"] > cfg.trainer.epochs:
+        return nothing_to_train(state, resume_from, own, cfg.trainer.epochs)
     runtime = device_setup.resolve(cfg.device)
     check_ranks(cfg, ranks, runtime)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -99,8 +119,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
                 else RunningTotals(runtime.device)
             totals.seconds = state["totals"]["seconds"]
         changes = checkpoint.config_changes(state["config"], cfg)
-        log.info(f"{resume_from}: the run has finished" if first_epoch > cfg.trainer.epochs
-                 else f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
+        log.info(f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
         if changes:
             log.warning(f"settings differ from the checkpoint's: {'; '.join(changes)}")
     if main:
@@ -154,8 +173,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     # were. A run resumed in its own folder continues its W&B run rather than starting a second
     # one; a new folder started from another run's checkpoint gets a W&B run of its own. The
     # tracker closes before the signals are handed back (to submitit's requeue, under SLURM).
-    own_last = (run_dir / checkpoint.FOLDER / checkpoint.LAST).resolve()
-    own_run_id = state["wandb_run_id"] if resume_from and resume_from.resolve() == own_last else None
+    own_run_id = state["wandb_run_id"] if own else None
     with StopSignals() as signals, \
             Tracker(run_dir, cfg, resume_id=own_run_id, rank=ranks.rank) as tracker:
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):
