@@ -140,20 +140,12 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     def save(epoch: int, step: int, best: bool = False) -> None:
         nonlocal last_good
         whole = totals and totals.reduced()
-        failed = None
-        if main:
-            try:
+        # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
+        # every rank learns whether rank 0 could write it (a full disk, say).
+        with distributed.rank_0_failure_stops_all():
+            if main:
                 checkpoints.save(epoch, step, totals=whole and whole.state_dict(), best_acc=best_acc,
                                  metrics=metrics, wandb_run_id=tracker.run_id, best=best)
-            except UserError as e:  # a full disk, say: every rank must stop, not wait for rank 0
-                failed = e
-        # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
-        # every rank learns whether rank 0 could write it.
-        message = distributed.broadcast(failed and str(failed))
-        if failed:
-            raise failed
-        if message:
-            raise UserError(message)
         last_good = f"{checkpoints.folder / checkpoint.LAST} (epoch {epoch} step {step})"
 
     def check_finite(epoch: int) -> None:
