@@ -149,6 +149,18 @@ def test_resume_into_another_model_names_the_difference(args, words, run_copy, f
         assert word in last
 
 
+def test_a_schedule_laid_over_the_run_keeps_its_length(fmnist_root, tmp_path, monkeypatch, capsys):
+    # Stretched, onecycle's restored state would fail at the first step past its end.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "sched=onecycle",
+                   "logger=none"), run_dir)
+    last = resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.limit_train_batches=2",
+                        "sched=onecycle", "trainer.epochs=2")
+    assert "trainer.epochs=2: checkpoint" in last and "run of 1 epochs whose sched=onecycle" in last
+    assert "resume with trainer.epochs=1" in last
+
+
 def test_fresh_start_refuses_to_overwrite_a_run(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):
     last = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.resume=none")
     assert "trainer.resume=none" in last and "already holds a run" in last and "trainer.resume=auto" in last
