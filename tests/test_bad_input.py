@@ -155,6 +155,7 @@ def test_a_schedule_laid_over_the_run_keeps_its_length(fmnist_root, tmp_path, mo
     run_dir.mkdir()
     train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "sched=onecycle",
                    "logger=none"), run_dir)
+    capsys.readouterr()  # what it printed, through the handlers an earlier in-process CLI run left
     last = resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.limit_train_batches=2",
                         "sched=onecycle", "trainer.epochs=2")
     assert "trainer.epochs=2: checkpoint" in last and "run of 1 epochs whose sched=onecycle" in last
