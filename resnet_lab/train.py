@@ -26,7 +26,7 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker, read_status
 
 log = logging.getLogger("resnet_lab")
 
@@ -51,20 +51,25 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
-def nothing_to_train(state: dict, path: Path, own: bool, epochs: int) -> float:
-    """The final test accuracy of a run that has trained trainer.epochs epochs or more already.
+def already_finished(state: dict, path: Path, own: bool, run_dir: Path, epochs: int) -> bool:
+    """Whether the run of checkpoint `state` has nothing left to train and has ended.
 
-    In its own folder (the same command again, a requeued sweep job) it returns at once and
-    touches nothing: the weights, metrics, status, checkpoints and W&B run stay as they were.
-    Into a new folder there is nothing to train and nothing to copy: a mistake.
+    In its own folder (the same command again, a requeued sweep job) such a run is left as it
+    is: its weights, metrics, status, checkpoints and W&B run. One killed after its last
+    checkpoint, before it wrote model.pt and closed its W&B run, is not finished: it goes on to
+    do that. Into a new folder there is nothing to train: a mistake.
     """
-    done, acc = state["epoch"] - 1, state["metrics"]["test_acc"]
+    done = state["epoch"] - 1
+    if done < epochs:
+        return False
     if not own:
         raise UserError(f"trainer.resume={path}: that run has trained {done} epochs and trainer.epochs={epochs} "
                         f"leaves nothing to train; set trainer.epochs above {done} to train it further")
-    log.info(f"this run has finished its {done} epochs, final test acc {acc:.4f}: nothing to train "
-             f"(trainer.epochs above {done} trains it further)")
-    return acc
+    if read_status(run_dir) != "finished":
+        return False
+    log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
+             f"nothing to train (trainer.epochs above {done} trains it further)")
+    return True
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
@@ -88,8 +93,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     state = checkpoint.load(resume_from) if resume_from else None
     own_last = run_dir / checkpoint.FOLDER / checkpoint.LAST
     own = resume_from is not None and resume_from.resolve() == own_last.resolve()
-    if state is not None and state["epoch"] > cfg.trainer.epochs:
-        return nothing_to_train(state, resume_from, own, cfg.trainer.epochs)
+    if state is not None and already_finished(state, resume_from, own, run_dir, cfg.trainer.epochs):
+        return state["metrics"]["test_acc"]
     runtime = device_setup.resolve(cfg.device)
     check_ranks(cfg, ranks, runtime)
     seed_everything(cfg.seed, cfg.trainer.deterministic)

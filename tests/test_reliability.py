@@ -259,12 +259,19 @@ def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmni
     for epochs_now in (2, 1):
         assert train(tiny_cfg(root, f"trainer.epochs={epochs_now}"), run_dir) == final
     assert contents(run_dir) == before
+    # A run killed after its last checkpoint, before model.pt and the end of its W&B run, writes them.
+    kept = outcome(run_dir)
+    (run_dir / "model.pt").unlink()
+    (run_dir / "status").write_text("running\n")
+    assert train(tiny_cfg(root, "trainer.epochs=2"), run_dir) == final
+    assert_same_outcome(outcome(run_dir), kept)
+    assert (run_dir / "status").read_text() == "finished\n"
     # More epochs in the same folder train on, in the same W&B run, as if it had never stopped.
     train(tiny_cfg(root, "trainer.epochs=3"), run_dir)
     assert_same_outcome(outcome(run_dir), reference)
     assert (run_dir / "status").read_text() == "finished\n"
     runs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 2 and runs[0].name == runs[1].name == f"run-{finished.run.run_id}.wandb"
+    assert len(runs) == 3 and {f.name for f in runs} == {f"run-{finished.run.run_id}.wandb"}
 
 
 def test_a_diverging_sweep_job_fails_alone_and_keeps_its_last_good_checkpoint(fmnist_root, tmp_path,
