@@ -39,7 +39,8 @@ def contents(run_dir: Path) -> dict:
     """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
     the log, and W&B's debug logs (its service may still append to them after the run ends)."""
     return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
-            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log" and not p.name.startswith("debug")}
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+            and not p.name.startswith("debug")}
 
 
 @pytest.fixture
