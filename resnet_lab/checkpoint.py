@@ -198,6 +198,12 @@ class Checkpointer:
                 raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
                                 f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
                                 f"or start afresh with trainer.resume=none")
+        then, now, sched = saved_cfg["trainer"]["epochs"], self.cfg.trainer.epochs, self.cfg.sched.name
+        if then != now and sched != "none":
+            # The restored schedule keeps its old length: cosine would rise again, onecycle fail.
+            raise UserError(f"trainer.epochs={now}: checkpoint {path} was saved by a run of {then} epochs "
+                            f"whose sched={sched} spans those {then}; resume with trainer.epochs={then} (only "
+                            f"a sched=none run can change its length)")
         _check_fits(self.model, state["model"], path, saved_cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessExitedException
 
-from resnet_lab.errors import UserError
+from resnet_lab.errors import UserError, describe
 from resnet_lab.preemption import Stopped
 
 # After one rank ends, the others get this long to finish (rank 0 closing its W&B run, say)
@@ -122,6 +122,26 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def rank_0_failure_stops_all():
+    """Around work that rank 0 alone does (writing a checkpoint, opening the W&B run): if it
+    fails there, every rank stops here, rather than the others waiting for rank 0 at their next
+    collective (on NCCL, until its timeout). Rank 0 raises its own error; the others a UserError
+    with its message, or, for a bug, a RuntimeError naming it (rank 0 prints the traceback)."""
+    failed = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (raised again below, once every rank knows)
+        failed = e
+    # Rank 0's one-line message for a mistake the user can fix (None for a bug), and its error.
+    shared = broadcast(failed and (describe(failed), f"{type(failed).__name__}: {failed}"))
+    if failed:
+        raise failed
+    if shared:
+        message, error = shared
+        raise UserError(message) if message else RuntimeError(f"rank 0 failed: {error}")
 
 
 def _free_port() -> int:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from resnet_lab import distributed
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped
 
@@ -139,7 +140,7 @@ class Tracker:
 
     Use it as a context manager: a run that raises is finished as failed (W&B exit code 1), so
     the next job of a sweep in the same process starts a clean W&B run. On DDP ranks other than
-    0 it does nothing at all.
+    0 it writes nothing; they only learn whether rank 0 could open it, and stop with its error if not.
     """
 
     def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0):
@@ -152,11 +153,13 @@ class Tracker:
         self.global_step = 0
         self.finished = False
         self.wandb = None
-        if not self.main:
-            return
-        if cfg.logger.name == "wandb":
-            self.wandb = self._open_wandb(cfg, resume_id)
-        write_status(self.run_dir, "running")
+        # Every rank learns here whether rank 0 opened W&B (logger.mode=online without an API
+        # key cannot): the others would otherwise train on and wait for it at their first collective.
+        with distributed.rank_0_failure_stops_all():
+            if self.main:
+                if cfg.logger.name == "wandb":
+                    self.wandb = self._open_wandb(cfg, resume_id)
+                write_status(self.run_dir, "running")
 
     def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str]):
         mode = choose_mode(cfg.logger.mode)

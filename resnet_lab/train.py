@@ -27,7 +27,7 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker, read_status
 
 log = logging.getLogger("resnet_lab")
 
@@ -54,6 +54,27 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
+def already_finished(state: dict, path: Path, own: bool, run_dir: Path, epochs: int) -> bool:
+    """Whether the run of checkpoint `state` has nothing left to train and has ended.
+
+    In its own folder (the same command again, a requeued sweep job) such a run is left as it
+    is: its weights, metrics, status, checkpoints and W&B run. One killed after its last
+    checkpoint, before it wrote model.pt and closed its W&B run, is not finished: it goes on to
+    do that. Into a new folder there is nothing to train: a mistake.
+    """
+    done = state["epoch"] - 1
+    if done < epochs:
+        return False
+    if not own:
+        raise UserError(f"trainer.resume={path}: that run has trained {done} epochs and trainer.epochs={epochs} "
+                        f"leaves nothing to train; set trainer.epochs above {done} to train it further")
+    if read_status(run_dir) != "finished":
+        return False
+    log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
+             f"nothing to train (trainer.epochs above {done} trains it further)")
+    return True
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as cfg says, writing into run_dir; returns the final test accuracy.
 
@@ -73,6 +94,10 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     began = time.perf_counter()
     resume_from = checkpoint.to_resume(cfg.trainer.resume, run_dir)
     state = checkpoint.load(resume_from) if resume_from else None
+    own_last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    own = resume_from is not None and resume_from.resolve() == own_last.resolve()
+    if state is not None and already_finished(state, resume_from, own, run_dir, cfg.trainer.epochs):
+        return state["metrics"]["test_acc"]
     runtime = device_setup.resolve(cfg.device)
     check_ranks(cfg, ranks, runtime)
     # Its own seed per rank for dropout's masks; the weights start as rank 0's (DDP copies them)
@@ -106,8 +131,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
                 else RunningTotals(runtime.device)
             totals.seconds = state["totals"]["seconds"]
         changes = checkpoint.config_changes(state["config"], cfg)
-        log.info(f"{resume_from}: the run has finished" if first_epoch > cfg.trainer.epochs
-                 else f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
+        log.info(f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
         if changes:
             log.warning(f"settings differ from the checkpoint's: {'; '.join(changes)}")
     if main:
@@ -128,20 +152,12 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     def save(epoch: int, step: int, best: bool = False) -> None:
         nonlocal last_good
         whole = totals and totals.reduced()
-        failed = None
-        if main:
-            try:
+        # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
+        # every rank learns whether rank 0 could write it (a full disk, say).
+        with distributed.rank_0_failure_stops_all():
+            if main:
                 checkpoints.save(epoch, step, totals=whole and whole.state_dict(), best_acc=best_acc,
                                  metrics=metrics, wandb_run_id=tracker.run_id, best=best)
-            except UserError as e:  # a full disk, say: every rank must stop, not wait for rank 0
-                failed = e
-        # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
-        # every rank learns whether rank 0 could write it.
-        message = distributed.broadcast(failed and str(failed))
-        if failed:
-            raise failed
-        if message:
-            raise UserError(message)
         last_good = f"{checkpoints.folder / checkpoint.LAST} (epoch {epoch} step {step})"
 
     def check_finite(epoch: int) -> None:
@@ -161,8 +177,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     # were. A run resumed in its own folder continues its W&B run rather than starting a second
     # one; a new folder started from another run's checkpoint gets a W&B run of its own. The
     # tracker closes before the signals are handed back (to submitit's requeue, under SLURM).
-    own_last = (run_dir / checkpoint.FOLDER / checkpoint.LAST).resolve()
-    own_run_id = state["wandb_run_id"] if resume_from and resume_from.resolve() == own_last else None
+    own_run_id = state["wandb_run_id"] if own else None
     with StopSignals() as signals, \
             Tracker(run_dir, cfg, resume_id=own_run_id, rank=ranks.rank) as tracker:
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):

@@ -36,9 +36,11 @@ def finished_run(one_thread, fmnist_root, tmp_path_factory) -> Path:
 
 
 def contents(run_dir: Path) -> dict:
-    """Every file the run wrote, except Hydra's record of the latest command and the log."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+    """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
+    the log, and W&B's debug logs (its service may still append to them after the run ends)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+            and not p.name.startswith("debug")}
 
 
 @pytest.fixture
@@ -146,6 +148,19 @@ def test_resume_into_another_model_names_the_difference(args, words, run_copy, f
     last = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, *args)
     for word in words:
         assert word in last
+
+
+def test_a_schedule_laid_over_the_run_keeps_its_length(fmnist_root, tmp_path, monkeypatch, capsys):
+    # Stretched, onecycle's restored state would fail at the first step past its end.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "sched=onecycle",
+                   "logger=none"), run_dir)
+    capsys.readouterr()  # what it printed, through the handlers an earlier in-process CLI run left
+    last = resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.limit_train_batches=2",
+                        "sched=onecycle", "trainer.epochs=2")
+    assert "trainer.epochs=2: checkpoint" in last and "run of 1 epochs whose sched=onecycle" in last
+    assert "resume with trainer.epochs=1" in last
 
 
 def test_fresh_start_refuses_to_overwrite_a_run(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):

@@ -269,3 +269,61 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(fmnist_root, 
     assert time.monotonic() - began < distributed.GRACE_S
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "could not write checkpoint" in proc.stderr.strip().splitlines()[-1]
+
+
+def what_each_rank_raises(notes: Path) -> None:
+    """rank_0_failure_stops_all around a user's mistake, then a bug, raised on rank 0 alone."""
+    ranks = distributed.from_env()
+    with distributed.process_group(ranks):
+        for error in (UserError("disk full"), KeyError("oops")):
+            try:
+                with distributed.rank_0_failure_stops_all():
+                    if ranks.is_main:
+                        raise error
+            except Exception as e:
+                with open(notes / str(ranks.rank), "a") as f:
+                    f.write(f"{type(e).__name__}: {e}\n")
+
+
+def test_what_rank_0_alone_fails_at_stops_every_rank(tmp_path):
+    distributed.spawn(2, what_each_rank_raises, tmp_path)
+    assert (tmp_path / "0").read_text() == "UserError: disk full\nKeyError: 'oops'\n"
+    # The others stop too: with rank 0's message, or, for a bug, naming it (exit 1, not 2).
+    assert (tmp_path / "1").read_text() == "UserError: disk full\nRuntimeError: rank 0 failed: KeyError: 'oops'\n"
+
+
+def noting_its_error(cfg, run_dir: Path, notes: Path) -> float:
+    """train() as this rank, writing the error it stopped with (if any) to notes/<rank>."""
+    try:
+        return train(cfg, run_dir)
+    except Exception as e:
+        (notes / str(distributed.from_env().rank)).write_text(f"{type(e).__name__}: {e}")
+        raise
+
+
+def test_a_tracker_rank_0_cannot_open_stops_every_rank_with_its_message(fmnist_root, tmp_path, monkeypatch):
+    # logger.mode=online where W&B finds no API key: rank 0's wandb.init refuses at once. (The
+    # ranks and the command below start from this environment.)
+    for key in ("WANDB_API_KEY", "WANDB_SERVICE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "logger.mode=online"]
+    notes, run_dir = tmp_path / "notes", tmp_path / "spawned"
+    notes.mkdir()
+    run_dir.mkdir()
+    began = time.monotonic()
+    with pytest.raises(UserError, match=r"^logger.mode=online: W&B could not start a run: .*API key") as raised:
+        distributed.spawn(2, noting_its_error, tiny_cfg(*args), run_dir, notes)
+    assert time.monotonic() - began < distributed.GRACE_S
+    # Rank 1 stopped with rank 0's message, before training (not at a collective rank 0 never joined).
+    message = str(raised.value)
+    assert {p.name: p.read_text() for p in notes.iterdir()} == {"0": f"UserError: {message}",
+                                                                "1": f"UserError: {message}"}
+    assert not list(run_dir.iterdir())
+    # From the command line: exit 2 and rank 0's one line, promptly.
+    began = time.monotonic()
+    proc = cli([*args, "device.world_size=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert time.monotonic() - began < distributed.GRACE_S
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"

@@ -23,6 +23,7 @@ from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import StopSignals, Stopped
 from resnet_lab.train import train
+from tests.test_bad_input import contents
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -235,12 +236,42 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
 
 
-def test_resuming_a_finished_run_trains_no_more(fmnist_root, tmp_path):
-    cfg = tiny_cfg(f"dataset.root={fmnist_root}", "trainer.limit_train_batches=2", "trainer.epochs=1")
-    first = train(cfg, tmp_path)
-    before = (tmp_path / "metrics.jsonl").read_text()
-    assert train(cfg, tmp_path) == first
-    assert (tmp_path / "metrics.jsonl").read_text() == before
+def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmnist_root, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    root = f"dataset.root={fmnist_root}"
+    final = train(tiny_cfg(root, "trainer.epochs=2"), run_dir)
+    finished = read_run(run_dir)
+    before = contents(run_dir)
+    assert {"model.pt", "metrics.jsonl", "status"} <= set(before) and finished.exit_code == 0
+    # The same command again in a fresh process (a requeued sweep job): one line, exit 0 ...
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", root, *TINY, "trainer.epochs=2",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=fresh_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"this run has finished its 2 epochs, final test acc {final:.4f}: "
+                                        f"nothing to train (trainer.epochs above 2 trains it further)"]
+    # ... and the run's files as they were: model.pt, metrics.jsonl, status, checkpoints, and its
+    # one W&B run (no new run, no resumed one, its summary's total_seconds kept).
+    assert contents(run_dir) == before
+    assert read_run(run_dir).summary == finished.summary and finished.summary["total_seconds"] > 0
+    # The objective a sweeper gets is the stored final test accuracy, also for fewer epochs.
+    for epochs_now in (2, 1):
+        assert train(tiny_cfg(root, f"trainer.epochs={epochs_now}"), run_dir) == final
+    assert contents(run_dir) == before
+    # A run killed after its last checkpoint, before model.pt and the end of its W&B run, writes them.
+    kept = outcome(run_dir)
+    (run_dir / "model.pt").unlink()
+    (run_dir / "status").write_text("running\n")
+    assert train(tiny_cfg(root, "trainer.epochs=2"), run_dir) == final
+    assert_same_outcome(outcome(run_dir), kept)
+    assert (run_dir / "status").read_text() == "finished\n"
+    # More epochs in the same folder train on, in the same W&B run, as if it had never stopped.
+    train(tiny_cfg(root, "trainer.epochs=3"), run_dir)
+    assert_same_outcome(outcome(run_dir), reference)
+    assert (run_dir / "status").read_text() == "finished\n"
+    runs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 3 and {f.name for f in runs} == {f"run-{finished.run.run_id}.wandb"}
 
 
 def test_a_diverging_sweep_job_fails_alone_and_keeps_its_last_good_checkpoint(fmnist_root, tmp_path,
@@ -330,6 +361,12 @@ def test_a_new_folder_resumed_from_another_runs_checkpoint_gets_its_own_wandb_ru
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2"), first)
     start_from = first / checkpoint.FOLDER / checkpoint.LAST
     first_id = checkpoint.load(start_from)["wandb_run_id"]
+    # A new folder with no more epochs than the run trained would train nothing: refused, untouched.
+    with pytest.raises(UserError, match=r"trainer.resume=.*last.pt: that run has trained 1 epochs and "
+                                        r"trainer.epochs=1 leaves nothing to train; set trainer.epochs above 1"):
+        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2",
+                       f"trainer.resume={start_from}"), second)
+    assert not list(second.iterdir())
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=2", "trainer.limit_train_batches=2",
                    f"trainer.resume={start_from}"), second)
     second_id = checkpoint.load(second / checkpoint.FOLDER / checkpoint.LAST)["wandb_run_id"]
