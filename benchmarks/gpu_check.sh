@@ -8,8 +8,9 @@ set -u -o pipefail
 root=${1:?usage: bash benchmarks/gpu_check.sh DATA_ROOT OUT}
 out=${2:?usage: bash benchmarks/gpu_check.sh DATA_ROOT OUT}
 limit=${GPU_CHECK_LIMIT_S:-170}  # seconds per step
-mkdir -p "$out"
+root=$(cd "$root" && pwd) && out=$(mkdir -p "$out" && cd "$out" && pwd) || exit 2
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
+python=${PYTHON:-python}  # the interpreter that has torch and resnet_lab
 cd "$(dirname "$0")/.."
 
 step() {  # step NAME COMMAND...: run it under the time limit, its output to OUT/NAME.log
@@ -23,8 +24,8 @@ step() {  # step NAME COMMAND...: run it under the time limit, its output to OUT
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
-step tests python -m pytest -q -rs tests/test_cuda.py tests/test_device.py
-step throughput python benchmarks/throughput.py --root "$root" --device cuda --json "$out/throughput.json"
-step time_to_accuracy python benchmarks/time_to_accuracy.py --root "$root" --device cuda \
+  "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
+step tests "$python" -m pytest -q -rs tests/test_cuda.py tests/test_device.py
+step throughput "$python" benchmarks/throughput.py --root "$root" --device cuda --json "$out/throughput.json"
+step time_to_accuracy "$python" benchmarks/time_to_accuracy.py --root "$root" --device cuda \
     --json "$out/time_to_accuracy.json"
