@@ -21,9 +21,11 @@ from resnet_lab.errors import UserError
 FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-        "metrics", "rng", "config", "wandb_run_id")
+        "metrics", "rng", "config", "wandb_run_id", "elapsed")
 # Choices whose saved state another choice cannot take over.
 MUST_MATCH = ("optim.name", "sched.name")
+# The trainer keys that set how many steps a run has, over which its schedule is laid.
+SCHEDULE_LENGTH = ("epochs", "batch_size", "limit_train_batches")
 SHOWN = 3  # differing keys named in a message
 
 
@@ -164,8 +166,9 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
-             wandb_run_id: Optional[str], best: bool = False) -> None:
-        """Write last.pt (and best.pt) to continue at batch `step` of `epoch`."""
+             wandb_run_id: Optional[str], elapsed: float, best: bool = False) -> None:
+        """Write last.pt (and best.pt) to continue at batch `step` of `epoch`; `elapsed`: the
+        run's wall seconds so far, over all its resumed parts."""
         state = {
             "epoch": epoch, "step": step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -173,7 +176,7 @@ class Checkpointer:
             "totals": totals, "best_acc": best_acc, "metrics": metrics,
             "rng": rng_states(self.device),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "wandb_run_id": wandb_run_id,
+            "wandb_run_id": wandb_run_id, "elapsed": elapsed,
         }
         for name in (LAST, BEST) if best else (LAST,):
             path = self.folder / name
@@ -198,12 +201,14 @@ class Checkpointer:
                 raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
                                 f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
                                 f"or start afresh with trainer.resume=none")
-        then, now, sched = saved_cfg["trainer"]["epochs"], self.cfg.trainer.epochs, self.cfg.sched.name
-        if then != now and sched != "none":
+        sched = self.cfg.sched.name
+        stretched = [f"trainer.{k}={self.cfg.trainer[k]} (checkpoint: {saved_cfg['trainer'][k]})"
+                     for k in SCHEDULE_LENGTH if self.cfg.trainer[k] != saved_cfg["trainer"][k]]
+        if stretched and sched != "none":
             # The restored schedule keeps its old length: cosine would rise again, onecycle fail.
-            raise UserError(f"trainer.epochs={now}: checkpoint {path} was saved by a run of {then} epochs "
-                            f"whose sched={sched} spans those {then}; resume with trainer.epochs={then} (only "
-                            f"a sched=none run can change its length)")
+            raise UserError(f"{'; '.join(stretched)}: checkpoint {path} was saved by a run whose sched={sched} "
+                            f"spans its steps; resume with the checkpoint's values (only a sched=none run can "
+                            f"change its length)")
         _check_fits(self.model, state["model"], path, saved_cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

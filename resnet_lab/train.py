@@ -54,7 +54,7 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
-def already_finished(state: dict, path: Path, own: bool, run_dir: Path, epochs: int) -> bool:
+def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: DictConfig) -> bool:
     """Whether the run of checkpoint `state` has nothing left to train and has ended.
 
     In its own folder (the same command again, a requeued sweep job) such a run is left as it
@@ -62,7 +62,7 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, epochs: 
     checkpoint, before it wrote model.pt and closed its W&B run, is not finished: it goes on to
     do that. Into a new folder there is nothing to train: a mistake.
     """
-    done = state["epoch"] - 1
+    done, epochs = state["epoch"] - 1, cfg.trainer.epochs
     if done < epochs:
         return False
     if not own:
@@ -72,6 +72,10 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, epochs: 
         return False
     log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
              f"nothing to train (trainer.epochs above {done} trains it further)")
+    changes = checkpoint.config_changes(state["config"], cfg)
+    if changes:
+        log.warning(f"settings that differ from the checkpoint's change nothing in a finished run: "
+                    f"{'; '.join(changes)}")
     return True
 
 
@@ -96,7 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     state = checkpoint.load(resume_from) if resume_from else None
     own_last = run_dir / checkpoint.FOLDER / checkpoint.LAST
     own = resume_from is not None and resume_from.resolve() == own_last.resolve()
-    if state is not None and already_finished(state, resume_from, own, run_dir, cfg.trainer.epochs):
+    if state is not None and already_finished(state, resume_from, own, run_dir, cfg):
         return state["metrics"]["test_acc"]
     runtime = device_setup.resolve(cfg.device)
     check_ranks(cfg, ranks, runtime)
@@ -125,6 +129,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
             torch.manual_seed(cfg.seed + ranks.rank)
         first_epoch, first_step = state["epoch"], state["step"]
         best_acc, metrics = state["best_acc"], state["metrics"]
+        began -= state["elapsed"]  # total_seconds counts the parts before the stop
         if state["totals"] is not None:
             # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
             totals = RunningTotals.from_state_dict(state["totals"], runtime.device) if main \
@@ -157,7 +162,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
         with distributed.rank_0_failure_stops_all():
             if main:
                 checkpoints.save(epoch, step, totals=whole and whole.state_dict(), best_acc=best_acc,
-                                 metrics=metrics, wandb_run_id=tracker.run_id, best=best)
+                                 metrics=metrics, wandb_run_id=tracker.run_id,
+                                 elapsed=time.perf_counter() - began, best=best)
         last_good = f"{checkpoints.folder / checkpoint.LAST} (epoch {epoch} step {step})"
 
     def check_finite(epoch: int) -> None:

@@ -150,17 +150,22 @@ def test_resume_into_another_model_names_the_difference(args, words, run_copy, f
         assert word in last
 
 
-def test_a_schedule_laid_over_the_run_keeps_its_length(fmnist_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stretch, named", [
+    (["trainer.epochs=2"], "trainer.epochs=2 (checkpoint: 1)"),
+    (["trainer.epochs=2", "trainer.batch_size=16"],
+     "trainer.epochs=2 (checkpoint: 1); trainer.batch_size=16 (checkpoint: 32)"),
+], ids=["epochs", "epochs-and-batch_size"])
+def test_a_schedule_laid_over_the_run_keeps_its_length(stretch, named, fmnist_root, tmp_path, monkeypatch, capsys):
     # Stretched, onecycle's restored state would fail at the first step past its end.
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "sched=onecycle",
-                   "logger=none"), run_dir)
+    train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.batch_size=32", "trainer.limit_train_batches=0",
+                   "sched=onecycle", "logger=none"), run_dir)
     capsys.readouterr()  # what it printed, through the handlers an earlier in-process CLI run left
-    last = resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.limit_train_batches=2",
-                        "sched=onecycle", "trainer.epochs=2")
-    assert "trainer.epochs=2: checkpoint" in last and "run of 1 epochs whose sched=onecycle" in last
-    assert "resume with trainer.epochs=1" in last
+    last = resume_fails(run_dir, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.limit_train_batches=0",
+                        "trainer.epochs=1", "trainer.batch_size=32", "sched=onecycle", *stretch)
+    assert last.startswith(f"error: {named}: checkpoint") and "whose sched=onecycle spans its steps" in last
+    assert "resume with the checkpoint's values" in last
 
 
 def test_fresh_start_refuses_to_overwrite_a_run(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):

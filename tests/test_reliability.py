@@ -5,6 +5,7 @@ loss stop training cleanly."""
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -236,7 +237,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
 
 
-def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmnist_root, tmp_path, reference):
+def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmnist_root, tmp_path, reference,
+                                                                           caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     root = f"dataset.root={fmnist_root}"
@@ -258,6 +260,10 @@ def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmni
     # The objective a sweeper gets is the stored final test accuracy, also for fewer epochs.
     for epochs_now in (2, 1):
         assert train(tiny_cfg(root, f"trainer.epochs={epochs_now}"), run_dir) == final
+    # Other settings are named, not applied.
+    with caplog.at_level(logging.WARNING, logger="resnet_lab"):
+        assert train(tiny_cfg(root, "trainer.epochs=2", "optim.lr=0.5"), run_dir) == final
+    assert "change nothing in a finished run: optim.lr=0.5 (checkpoint: 0.001)" in caplog.text
     assert contents(run_dir) == before
     # A run killed after its last checkpoint, before model.pt and the end of its W&B run, writes them.
     kept = outcome(run_dir)
@@ -373,3 +379,14 @@ def test_a_new_folder_resumed_from_another_runs_checkpoint_gets_its_own_wandb_ru
     assert second_id and second_id != first_id
     assert read_run(second).run.run_id == second_id
     assert epochs(second) == [2]  # it continued training from the first run's epoch 1
+
+
+def test_a_resumed_run_counts_the_seconds_of_every_part(fmnist_root, tmp_path):
+    last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=4", "logger=none"), tmp_path)
+    first = torch.load(last, weights_only=True)["elapsed"]
+    began = time.perf_counter()
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=5", "logger=none"), tmp_path)
+    part = time.perf_counter() - began
+    # The first part's seconds carry over (alone, the one-epoch second part would count fewer).
+    assert 0 < first < torch.load(last, weights_only=True)["elapsed"] <= first + part
