@@ -4,6 +4,8 @@ The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version)
 blocks of chunks, each a 7-byte header (CRC-32C, length, type) and a slice of one Record.
 """
 
+from __future__ import annotations  # pb's types in annotations, unread until a run is decoded
+
 import json
 import struct
 import time
@@ -11,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from wandb.proto import wandb_internal_pb2 as pb
-
 BLOCK = 32 * 1024
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def records(path: Path) -> List[pb.Record]:
+    # Imported here: modules that import this one (for their run helpers) also run on GPU
+    # machines without wandb (benchmarks/gpu_check.sh).
+    from wandb.proto import wandb_internal_pb2 as pb
+
     data = path.read_bytes()
     assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1, path
     out, pending, pos = [], b"", HEADER
