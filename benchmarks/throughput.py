@@ -167,10 +167,9 @@ def resnet_lab(args, device, s):
 
     from resnet_lab import device as device_setup
     from resnet_lab.config import register_configs, validate
-    from resnet_lab.data import build_data
+    from resnet_lab.distributed import Ranks
     from resnet_lab.engine import RunningTotals, train_epoch
-    from resnet_lab.models import build_model
-    from resnet_lab.optim import build_optimizer, build_scheduler
+    from resnet_lab.train import build
 
     register_configs()
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
@@ -179,16 +178,10 @@ def resnet_lab(args, device, s):
             f"model.width={args.width}", f"trainer.batch_size={args.batch_size}",
             f"device.precision={s['precision']}", f"device.channels_last={s['channels_last']}",
             f"device.compile={s['compile']}"])
-    # The parts as resnet_lab.train builds them.
     validate(cfg)
     runtime = device_setup.resolve(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
-    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
-    forward = runtime.compiled(model)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
-    scaler = runtime.grad_scaler()
+    data, _, forward, optimizer, scheduler, scaler = build(cfg, runtime, Ranks())
     full_batches = data.train.num_samples // data.train.batch_size  # no short last batch
     epoch, start = 1, 0
 

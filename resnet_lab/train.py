@@ -79,6 +79,24 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: Dic
     return True
 
 
+def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks):
+    """The parts of a run, for this rank: its data, the bare model (the optimizer and checkpoints
+    hold it, so a DDP checkpoint resumes in one process), the model that trains (under DDP and
+    compiled, as asked), the optimizer, the schedule and the grad scaler."""
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
+                      ranks.rank, ranks.world_size)
+    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
+    if cfg.device.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    parallel = model
+    if ranks.world_size > 1:
+        parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
+                                           else None)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
+    return data, model, runtime.compiled(parallel), optimizer, scheduler, runtime.grad_scaler()
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as cfg says, writing into run_dir; returns the final test accuracy.
 
@@ -107,20 +125,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     # Its own seed per rank for dropout's masks; the weights start as rank 0's (DDP copies them)
     # and the batches are a function of cfg.seed alone.
     seed_everything(cfg.seed + ranks.rank, cfg.trainer.deterministic)
-    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
-                      ranks.rank, ranks.world_size)
-    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
-    if cfg.device.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # The optimizer and checkpoints hold the bare model: a DDP checkpoint resumes in one process.
-    parallel = model
-    if ranks.world_size > 1:
-        parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
-                                           else None)
-    forward = runtime.compiled(parallel)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
-    scaler = runtime.grad_scaler()
+    data, model, forward, optimizer, scheduler, scaler = build(cfg, runtime, ranks)
     checkpoints = checkpoint.Checkpointer(run_dir, cfg, model, optimizer, scheduler, scaler, runtime.device)
     first_epoch, first_step, totals, best_acc, metrics = 1, 0, None, -1.0, {}
     if state is not None:
