@@ -5,16 +5,25 @@ full disk: test_reliability.py.)"""
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
 from resnet_lab import checkpoint
+from resnet_lab.data import build_data
+from resnet_lab.data.sources import _image_sizes, read_image
+from resnet_lab.errors import UserError
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
 from tests.test_cli import run_cli
+from tests.test_reliability import fresh_env
 from tests.test_train import tiny_cfg
 
 RUN = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.batch_size=32",
@@ -103,15 +112,166 @@ def test_empty_image_folder(tmp_path, monkeypatch, capsys):
     assert "no images under" in last and str(tmp_path / "images") in last
 
 
-def test_image_folder_of_mixed_sizes_without_resize(tmp_path, monkeypatch, capsys):
-    for cls, size in (("cats", (16, 16)), ("dogs", (20, 12))):
-        (tmp_path / "images" / cls).mkdir(parents=True)
-        Image.new("RGB", size).save(tmp_path / "images" / cls / "0.png")
+@pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats")])
+def test_image_folder_of_mixed_sizes_without_resize(folders, tmp_path, monkeypatch, capsys):
+    for folder, size in zip(folders, ((16, 16), (20, 12))):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        Image.new("RGB", size).save(tmp_path / "images" / folder / "0.png")
     code, err = run_cli([f"dataset.root={tmp_path / 'images'}", "dataset=image_folder", *RUN],
                         tmp_path, monkeypatch, capsys)
     last = one_line_error(code, err)
     for word in ("different sizes", "16x16", "20x12", "dataset.resize"):
         assert word in last
+
+
+def write_split_folder(root: Path) -> Path:
+    """root/train and root/test, two classes, 12x12 noise as PNG and JPEG (noise, so that most of
+    a JPEG is image data after its header: cut in half, its header still opens)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 2)):
+        for c in ("c0", "c1"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                for suffix in (".png", ".jpg"):
+                    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(root / split / c / f"{i}{suffix}")
+    return root
+
+
+def truncate_image_data(path: Path) -> None:
+    """Cut the file in the middle of its image data, its header left whole."""
+    data = path.read_bytes()
+    start = data.index(b"\xff\xda" if path.suffix == ".jpg" else b"IDAT")  # JPEG's scan, PNG's data
+    path.write_bytes(data[:(start + len(data)) // 2])
+
+
+DAMAGE = {  # how an image file goes bad, and the words that must say so
+    "truncated png": (".png", truncate_image_data, ["truncated or corrupt", "image file is truncated"]),
+    "truncated jpeg": (".jpg", truncate_image_data, ["truncated or corrupt", "image file is truncated"]),
+    "empty": (".jpg", lambda p: p.write_bytes(b""), ["the file is empty (0 bytes)"]),
+    "not an image": (".jpg", lambda p: p.write_text("<html>404 Not Found</html>"),
+                     ["not an image file (PIL cannot identify it)"]),
+    "broken link": (".png", lambda p: (p.unlink(), p.symlink_to(p.with_name("gone.png"))),
+                    ["No such file or directory"]),
+}
+# Found by the header pass at the start: everything but a truncated file. (A file without read
+# permission: test_image_without_read_permission_is_named.)
+FOUND_AT_START = [kind for kind in DAMAGE if not kind.startswith("truncated")]
+
+
+def assert_names(line: str, path: Path, words) -> None:
+    assert f"dataset image_folder: cannot read {path}: " in line
+    for word in words:
+        assert word in line
+    assert "delete it" in line
+
+
+@pytest.mark.parametrize("kind", FOUND_AT_START)
+def test_unreadable_image_is_named_before_training(kind, tmp_path, monkeypatch, capsys):
+    # In the test split, which training reads only after the first epoch.
+    images = write_split_folder(tmp_path / "images")
+    suffix, damage, words = DAMAGE[kind]
+    bad = images / "test" / "c1" / f"1{suffix}"
+    damage(bad)
+    run_dir = tmp_path / "run"
+    code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN, f"hydra.run.dir={run_dir}"],
+                        tmp_path, monkeypatch, capsys)
+    assert_names(one_line_error(code, err), bad, words)
+    assert not (run_dir / checkpoint.FOLDER).exists() and not (run_dir / "status").exists()
+
+
+def test_truncated_training_image_is_named_before_training(tmp_path, monkeypatch, capsys):
+    # A truncated file opens; the sample that sets the normalisation reads it whole.
+    images = write_split_folder(tmp_path / "images")
+    bad = images / "train" / "c0" / "3.jpg"
+    truncate_image_data(bad)
+    code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN], tmp_path, monkeypatch, capsys)
+    assert_names(one_line_error(code, err), bad, DAMAGE["truncated jpeg"][2])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_image_that_goes_bad_is_named_when_read(kind, workers, tmp_path):
+    # The header pass has passed it; the file goes bad before a loader (or its worker) reads it.
+    images = write_split_folder(tmp_path / "images")
+    cfg = tiny_cfg(images, "dataset=image_folder", f"dataset.num_workers={workers}", "trainer.eval_batch_size=4")
+    data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), seed=0)
+    suffix, damage, words = DAMAGE[kind]
+    bad = images / "test" / "c1" / f"0{suffix}"
+    damage(bad)
+    with pytest.raises(UserError) as raised:
+        list(data.test.batches(0))
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert_names(message, bad, words)
+
+
+def test_image_without_read_permission_is_named():
+    # Root reads any file: as root, the reads run in a child process that becomes nobody, so the
+    # folder lies outside pytest's root-only tmp_path.
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        bad = Path(folder) / "0.png"
+        Image.new("RGB", (4, 4)).save(bad)
+        bad.chmod(0)
+        readout, writeend = os.pipe()
+        if os.fork() == 0:
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                said = []
+                for read in (lambda p: _image_sizes([p]), read_image):  # the header pass, the loader
+                    try:
+                        read(str(bad))
+                        said.append("read")
+                    except UserError as e:
+                        said.append(str(e))
+                os.write(writeend, "\n".join(said).encode())
+            finally:
+                os._exit(0)
+        os.close(writeend)
+        with os.fdopen(readout) as f:
+            said = f.read().splitlines()
+        os.wait()
+    assert len(said) == 2
+    for line in said:
+        assert_names(line, bad, ["no permission to read it", "chmod a+r"])
+
+
+@pytest.fixture(scope="module")
+def image_run(one_thread, tmp_path_factory) -> Path:
+    """A finished one-epoch image_folder run, and its folder of images."""
+    root = tmp_path_factory.mktemp("image_run")
+    images = write_split_folder(root / "images")
+    (root / "run").mkdir()
+    train(tiny_cfg(images, "dataset=image_folder", "dataset.num_workers=0", "logger=none",
+                   "trainer.batch_size=8", "trainer.epochs=1"), root / "run")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_path, monkeypatch, capsys):
+    # Epoch 2 trains, then evaluation meets the truncated file before last.pt is rewritten.
+    shutil.copytree(image_run, tmp_path / "copy")
+    images, run_dir = tmp_path / "copy" / "images", tmp_path / "copy" / "run"
+    bad = images / "test" / "c0" / "1.png"
+    truncate_image_data(bad)
+    kept = {name: (run_dir / name).read_bytes() for name in
+            ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl")}
+    args = [f"dataset.root={images}", "dataset=image_folder", *RUN, "logger=none", "trainer.batch_size=8",
+            "trainer.epochs=2", f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"]
+    if workers:
+        # In its own process: the workers must not keep it from exiting.
+        done = subprocess.run([sys.executable, "-m", "resnet_lab", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=fresh_env(), timeout=120)
+        code, err = done.returncode, done.stderr
+    else:
+        code, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    assert_names(one_line_error(code, err), bad, DAMAGE["truncated png"][2])
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    assert (run_dir / "status").read_text() == "failed\n"
 
 
 def test_resume_from_a_missing_checkpoint(fmnist_root, tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from typing import Iterator, Tuple
 
 import torch
 
+from resnet_lab.errors import UserError
 from resnet_lab.preemption import SIGNALS
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -165,5 +166,21 @@ class HostLoader(Loader):
             num_workers=self.num_workers, pin_memory=device.type == "cuda",
             worker_init_fn=_ignore_stop_signals,
         )
-        for images, labels in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        batch_iter = iter(loader)
+        try:
+            for batch in batches:
+                try:
+                    images, labels = next(batch_iter)
+                except UserError:
+                    if self.num_workers:
+                        # A worker's error arrives re-raised with its traceback as the message:
+                        # reading the batch here raises the file's own one line instead.
+                        for i in batch:
+                            self.dataset[i]
+                    raise
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        finally:
+            if self.num_workers:
+                # The workers ignore SIGTERM, so Python's exit cannot end them: while a traceback
+                # holds this iterator, exiting would wait for them forever. End them now.
+                batch_iter._shutdown_workers()
