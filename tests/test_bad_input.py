@@ -22,8 +22,8 @@ from resnet_lab.data.sources import _image_sizes, read_image
 from resnet_lab.errors import UserError
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
+from tests.runs import contents, fresh_env
 from tests.test_cli import run_cli
-from tests.test_reliability import fresh_env
 from tests.test_train import tiny_cfg
 
 RUN = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.batch_size=32",
@@ -42,14 +42,6 @@ def finished_run(one_thread, fmnist_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished")
     train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2"), run_dir)
     return run_dir
-
-
-def contents(run_dir: Path) -> dict:
-    """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
-    the log, and W&B's debug logs (its service may still append to them after the run ends)."""
-    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
-            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
-            and not p.name.startswith("debug")}
 
 
 @pytest.fixture

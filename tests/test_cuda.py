@@ -13,7 +13,8 @@ import torch
 from resnet_lab import checkpoint
 from resnet_lab.optim import build_optimizer
 from resnet_lab.train import train
-from tests.test_reliability import TINY, freeze_at, start, tiny_cfg
+from tests.runs import freeze_at, start
+from tests.test_reliability import TINY, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

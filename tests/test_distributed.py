@@ -17,14 +17,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import checkpoint, distributed
-from resnet_lab.__main__ import one_run_folder
 from resnet_lab import device as device_setup
+from resnet_lab.__main__ import one_run_folder
 from resnet_lab.data import build_data
 from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
-from tests.test_reliability import epochs, freeze_at, fresh_env, start, tiny_cfg
+from tests.runs import freeze_at, fresh_env, start
+from tests.test_reliability import epochs, tiny_cfg
 from tests.wandb_file import read_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,9 +22,9 @@ from PIL import Image
 from resnet_lab import checkpoint
 from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
-from resnet_lab.preemption import StopSignals, Stopped
+from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.train import train
-from tests.test_bad_input import contents
+from tests.runs import contents, freeze_at, fresh_env, start
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -73,45 +73,6 @@ def reference(one_thread, fmnist_root, tmp_path_factory):
     result = outcome(run_dir)
     assert [row["epoch"] for row in result[0]] == [1, 2, 3]
     return result
-
-
-def fresh_env():
-    """A new process as a requeued job would start: its own W&B service, not this process's
-    (a SIGKILLed job's stream would otherwise still hold its run id there)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_SERVICE", None)
-    return env
-
-
-def start(args, run_dir: Path, **popen) -> subprocess.Popen:
-    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
-                            env=fresh_env(), **popen)
-
-
-def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False):
-    """Watch last.pt; stop the process at each new version to read its (epoch, step), and leave
-    it stopped (SIGSTOP) at the first one at or past `target`."""
-    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
-    send = (lambda s: os.killpg(proc.pid, s)) if group else (lambda s: os.kill(proc.pid, s))
-    seen = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (run_dir.parent / f"{run_dir.name}.log").read_text()
-        try:
-            stamp = last.stat().st_mtime_ns, last.stat().st_ino
-        except FileNotFoundError:
-            stamp = seen
-        if stamp != seen:
-            send(signal.SIGSTOP)
-            seen = last.stat().st_mtime_ns, last.stat().st_ino
-            state = torch.load(last, weights_only=True)
-            if (state["epoch"], state["step"]) >= target:
-                return state["epoch"], state["step"]
-            send(signal.SIGCONT)
-        time.sleep(0.003)
-    pytest.fail(f"no checkpoint at or past {target}")
 
 
 def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference):

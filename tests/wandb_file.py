@@ -4,14 +4,17 @@ The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version)
 blocks of chunks, each a 7-byte header (CRC-32C, length, type) and a slice of one Record.
 """
 
-from __future__ import annotations  # pb's types in annotations, unread until a run is decoded
+from __future__ import annotations
 
 import json
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:  # wandb itself is imported only to decode a run (see records)
+    from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32 * 1024
 HEADER = 7

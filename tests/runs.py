@@ -1,0 +1,61 @@
+"""Helpers for tests that run training in processes of their own: a fresh environment, a run
+started in a folder, a run caught at a checkpoint, and what a run folder holds."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_lab import checkpoint
+
+
+def fresh_env():
+    """A new process as a requeued job would start: its own W&B service, not this process's
+    (a SIGKILLed job's stream would otherwise still hold its run id there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_SERVICE", None)
+    return env
+
+
+def start(args, run_dir: Path, **popen) -> subprocess.Popen:
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
+                            env=fresh_env(), **popen)
+
+
+def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False):
+    """Watch last.pt; stop the process at each new version to read its (epoch, step), and leave
+    it stopped (SIGSTOP) at the first one at or past `target`."""
+    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    send = (lambda s: os.killpg(proc.pid, s)) if group else (lambda s: os.kill(proc.pid, s))
+    seen = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (run_dir.parent / f"{run_dir.name}.log").read_text()
+        try:
+            stamp = last.stat().st_mtime_ns, last.stat().st_ino
+        except FileNotFoundError:
+            stamp = seen
+        if stamp != seen:
+            send(signal.SIGSTOP)
+            seen = last.stat().st_mtime_ns, last.stat().st_ino
+            state = torch.load(last, weights_only=True)
+            if (state["epoch"], state["step"]) >= target:
+                return state["epoch"], state["step"]
+            send(signal.SIGCONT)
+        time.sleep(0.003)
+    pytest.fail(f"no checkpoint at or past {target}")
+
+
+def contents(run_dir: Path) -> dict:
+    """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
+    the log, and W&B's debug logs (its service may still append to them after the run ends)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+            and not p.name.startswith("debug")}
