@@ -4,6 +4,7 @@ Under torchrun every rank runs this: rank 0 names the run folder for all of them
 ranks write none of Hydra's files.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +33,25 @@ def one_run_folder(argv, ranks):
     return [argv[0], *args]
 
 
+class HeldBack:
+    """stderr, holding back the line Hydra writes before it re-raises a job's error, for the
+    handler to show or drop: a single run's own command line needs no repeating."""
+
+    PREFIX = "Error executing job with overrides:"
+
+    def __init__(self, stream):
+        self.stream, self.line = stream, None
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.line = text
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its errors over several lines; letting them propagate lets us print one.
@@ -40,8 +60,9 @@ def main() -> None:
     from resnet_lab.train import run
 
     ranks = distributed.from_env()
+    stderr = HeldBack(sys.stderr)
     try:
-        with distributed.process_group(ranks):
+        with distributed.process_group(ranks), contextlib.redirect_stderr(stderr):
             if ranks.world_size > 1:
                 sys.argv = one_run_folder(sys.argv, ranks)
             run()
@@ -51,6 +72,9 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
         message = describe(e)
+        # Which job of a sweep failed, or what a bug's traceback happened under.
+        if stderr.line and (message is None or full_error or {"-m", "--multirun"} & set(sys.argv)):
+            sys.stderr.write(stderr.line)
         if message is None or full_error:
             raise
         print(f"error: {message}", file=sys.stderr)
