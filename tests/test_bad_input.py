@@ -104,6 +104,20 @@ def test_empty_image_folder(tmp_path, monkeypatch, capsys):
     assert "no images under" in last and str(tmp_path / "images") in last
 
 
+@pytest.mark.parametrize("where", ["", "train", "test"])
+def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
+    images = tmp_path / "images"
+    if where:
+        write_split_folder(images)
+    else:
+        (images / "c0").mkdir(parents=True)
+        Image.new("RGB", (12, 12)).save(images / "c0" / "0.png")
+    (images / where / "c2").mkdir()
+    code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN], tmp_path, monkeypatch, capsys)
+    last = one_line_error(code, err)
+    assert "c2" in last and f"(in {images / where})" in last and "or remove it" in last
+
+
 @pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats")])
 def test_image_folder_of_mixed_sizes_without_resize(folders, tmp_path, monkeypatch, capsys):
     for folder, size in zip(folders, ((16, 16), (20, 12))):

@@ -178,6 +178,13 @@ def _image_sizes(paths: List[str]) -> dict:
     return sizes
 
 
+def _classes(folder: Path, transform) -> datasets.ImageFolder:
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
+    except FileNotFoundError as e:  # a class folder without images: torchvision names it
+        raise UserError(f"dataset image_folder: {e} (in {folder}); put images into each class folder named, or remove it") from e
+
+
 @DATASETS.register()
 def image_folder(cfg):
     """root/class/*.png, or root/train/class/... with root/test (or root/val) beside it."""
@@ -189,11 +196,11 @@ def image_folder(cfg):
                         f"(expected {train_dir}/<class>/<image>.png)")
     steps = [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
     transform = transforms.Compose(steps + [transforms.PILToTensor()])
-    train = datasets.ImageFolder(str(train_dir), transform=transform, loader=read_image)
+    train = _classes(train_dir, transform)
     num_classes = len(train.classes)
     test = None
     if test_dir is not None:
-        test = datasets.ImageFolder(str(test_dir), transform=transform, loader=read_image)
+        test = _classes(test_dir, transform)
         if test.classes != train.classes:
             raise UserError(f"dataset image_folder: {test_dir} has classes {test.classes}, "
                             f"{train_dir} has {train.classes}; they must match")
