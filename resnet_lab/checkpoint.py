@@ -6,9 +6,11 @@ so far and the last epoch's metrics, the RNG states, the resolved config and the
 The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
 """
 
+import contextlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, IO, List, Optional
 
@@ -17,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
+from resnet_lab.tracking import STATUS_FILE
 
 FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
@@ -27,6 +30,9 @@ MUST_MATCH = ("optim.name", "sched.name")
 # The trainer keys that set how many steps a run has, over which its schedule is laid.
 SCHEDULE_LENGTH = ("epochs", "batch_size", "limit_train_batches")
 SHOWN = 3  # differing keys named in a message
+# Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
+# the copy of it kept beside the checkpoints: that of the last command that trained.
+HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
 
 
 def _os_error(e: BaseException) -> Optional[OSError]:
@@ -216,3 +222,33 @@ class Checkpointer:
         if state["scaler"]:  # empty when the saving run did not scale (not fp16)
             self.scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], self.device)
+
+
+def keep_hydra_record(run_dir: Path) -> None:
+    """Copy Hydra's record of the command now training beside the checkpoints."""
+    record, kept = run_dir / HYDRA_RECORD, run_dir / FOLDER / KEPT_RECORD
+    if record.is_dir():
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in record.glob("*.yaml"):
+            shutil.copy2(path, kept / path.name)
+
+
+def _stamp(path: Path):
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+@contextlib.contextmanager
+def hydra_record_kept(run_dir: Path):
+    """Around a job in its run folder. Hydra rewrites the folder's .hydra record before the job
+    runs, also for a command that then trains nothing (a finished run, a resume into another
+    model, a value out of range): the record would name a command the run never trained with,
+    and `compare` would show it. A job that leaves the status file untouched trained nothing,
+    so the record of the last command that did comes back."""
+    status, kept = run_dir / STATUS_FILE, run_dir / FOLDER / KEPT_RECORD
+    before = _stamp(status)
+    try:
+        yield
+    finally:
+        if _stamp(status) == before and kept.is_dir():
+            for path in kept.glob("*.yaml"):
+                shutil.copy2(path, run_dir / HYDRA_RECORD / path.name)

@@ -1,5 +1,6 @@
 """Wiring: the Hydra task that builds the parts named by the config and runs the epochs."""
 
+import contextlib
 import logging
 import os
 import pickle
@@ -191,6 +192,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     own_run_id = state["wandb_run_id"] if own else None
     with StopSignals() as signals, \
             Tracker(run_dir, cfg, resume_id=own_run_id, rank=ranks.rank) as tracker:
+        if main:
+            checkpoint.keep_hydra_record(run_dir)
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):
             totals = totals or RunningTotals(runtime.device)
             clock = time.perf_counter() - totals.seconds  # a resumed epoch counts its time before the stop
@@ -246,7 +249,15 @@ def spawned_rank(cfg: DictConfig, run_dir: Path, hydra_state: bytes) -> float:
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    world_size, ranks = cfg.device.world_size, distributed.from_env()
+    ranks = distributed.from_env()
+    # Rank 0's alone: under torchrun the other ranks write no Hydra record (resnet_lab/__main__.py).
+    with checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
+        return launch(cfg, run_dir, ranks)
+
+
+def launch(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
+    """Train in this process, or start device.world_size ranks that do."""
+    world_size = cfg.device.world_size
     if world_size > 1 and ranks.world_size > 1:
         raise UserError(f"device.world_size={world_size}: this process is already rank {ranks.rank} of "
                         f"{ranks.world_size} (torchrun or SLURM set the ranks); leave device.world_size at 1")

@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image
 
 from resnet_lab import checkpoint
+from resnet_lab.__main__ import main
 from resnet_lab.data import build_data
 from resnet_lab.data.sources import _image_sizes, read_image
 from resnet_lab.errors import UserError
@@ -354,3 +355,29 @@ def test_run_folder_that_cannot_be_written(blocker, fmnist_root, tmp_path, monke
     assert str(parent) in last and "writable" in last and "hydra.run.dir" in last
     if blocker == "a file":
         assert parent.read_text() == "not a folder"
+
+
+def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root, tmp_path, monkeypatch, capsys):
+    # Hydra rewrites <run>/.hydra before the job runs; compare reads the run's overrides there.
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *RUN, "logger=none", "trainer.limit_train_batches=2",
+            f"hydra.run.dir={run_dir}"]
+
+    def succeeds(*change):
+        with monkeypatch.context() as patch:
+            patch.chdir(tmp_path)
+            patch.setattr(sys, "argv", ["resnet_lab", *args, *change])
+            main()
+        return {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")}
+
+    trained = succeeds("trainer.epochs=1")
+    assert b"trainer.epochs=1" in trained["overrides.yaml"]
+    for change in (["trainer.epochs=2", "model=resnet34"],  # a resume into another model: refused
+                   ["trainer.epochs=2", "optim.lr=-1"]):    # a value out of range
+        one_line_error(*run_cli([*args, *change], tmp_path, monkeypatch, capsys))
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")} == trained
+    assert succeeds("trainer.epochs=1", "optim.lr=0.5") == trained  # finished: it trains nothing
+    # A command that trains (one epoch more) is the run's record from then on.
+    extended = succeeds("trainer.epochs=2")
+    assert b"trainer.epochs=2" in extended["overrides.yaml"]
+    assert extended == {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "hydra").glob("*.yaml")}
