@@ -49,8 +49,10 @@ def measure(args, run_dir: Path) -> dict:
                  f"trainer.epochs={args.max_epochs}", "trainer.progress=false", f"hydra.run.dir={run_dir}",
                  *args.overrides]
     metrics = run_dir / "metrics.jsonl"
+    # A file, not a pipe: nobody reads a pipe while the run trains, and a full one would stop it.
+    errors = tempfile.TemporaryFile("w+")
     launched = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=errors, text=True)
     seen, reached = [], None
     while reached is None and proc.poll() is None:
         time.sleep(POLL_S)
@@ -62,10 +64,11 @@ def measure(args, run_dir: Path) -> dict:
                 reached = seen[-1]
     if reached is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    _, errors = proc.communicate(timeout=STOP_TIMEOUT_S)
+    proc.wait(timeout=STOP_TIMEOUT_S)
     # 143: stopped by our SIGTERM; 0: it finished its epochs (the last of them may be the one).
     if proc.returncode not in (0, 128 + signal.SIGTERM):
-        raise SystemExit(f"error: the run failed with exit status {proc.returncode}:\n{errors[-3000:]}")
+        errors.seek(0)
+        raise SystemExit(f"error: the run failed with exit status {proc.returncode}:\n{errors.read()[-3000:]}")
     seen += [{**row, "wall_s": None} for row in rows(metrics)[len(seen):]]  # written as it exited
     reached = reached or next((r for r in seen if r["test_acc"] >= args.target), None)
     return {

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from resnet_lab.errors import UserError, describe
+from resnet_lab.errors import HeldBack, UserError, describe
 
 
 def one_run_folder(argv, ranks):
@@ -33,25 +33,6 @@ def one_run_folder(argv, ranks):
     return [argv[0], *args]
 
 
-class HeldBack:
-    """stderr, holding back the line Hydra writes before it re-raises a job's error, for the
-    handler to show or drop: a single run's own command line needs no repeating."""
-
-    PREFIX = "Error executing job with overrides:"
-
-    def __init__(self, stream):
-        self.stream, self.line = stream, None
-
-    def write(self, text: str) -> int:
-        if text.startswith(self.PREFIX):
-            self.line = text
-            return len(text)
-        return self.stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its errors over several lines; letting them propagate lets us print one.
@@ -72,8 +53,7 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
         message = describe(e)
-        # Which job of a sweep failed, or what a bug's traceback happened under.
-        if stderr.line and (message is None or full_error or {"-m", "--multirun"} & set(sys.argv)):
+        if stderr.line and (message is None or full_error):
             sys.stderr.write(stderr.line)
         if message is None or full_error:
             raise

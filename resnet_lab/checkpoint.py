@@ -24,7 +24,7 @@ from resnet_lab.tracking import STATUS_FILE
 FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-        "metrics", "rng", "config", "wandb_run_id", "elapsed")
+        "metrics", "rng", "config", "wandb_run_id")  # and "elapsed", which older ones lack
 # Choices whose saved state another choice cannot take over.
 MUST_MATCH = ("optim.name", "sched.name")
 # The trainer keys that set how many steps a run has, over which its schedule is laid.
@@ -217,7 +217,12 @@ class Checkpointer:
                             f"change its length)")
         _check_fits(self.model, state["model"], path, saved_cfg)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
+        # under a grad scaler differs from an unfused one, and a state's step counters follow it.
+        saved = state["optimizer"]
+        groups = [{**group, **{k: now[k] for k in ("fused",) if k in now}}
+                  for group, now in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the saving run did not scale (not fp16)
             self.scaler.load_state_dict(state["scaler"])
@@ -249,6 +254,6 @@ def hydra_record_kept(run_dir: Path):
     try:
         yield
     finally:
-        if _stamp(status) == before and kept.is_dir():
+        if _stamp(status) == before and kept.is_dir() and (run_dir / HYDRA_RECORD).is_dir():
             for path in kept.glob("*.yaml"):
                 shutil.copy2(path, run_dir / HYDRA_RECORD / path.name)

@@ -7,6 +7,28 @@ class UserError(Exception):
     """A mistake in the config, the data or a checkpoint that the user can correct."""
 
 
+class HeldBack:
+    """stderr, holding back the line Hydra writes above a single run's error before it re-raises
+    it, for __main__ to show above a traceback or drop: the run's own command needs no repeating.
+    In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it)."""
+
+    PREFIX = "Error executing job with overrides:"
+    # Set by the Hydra task (resnet_lab.train.run): Hydra's mode is known only inside the job.
+    single_run = False
+
+    def __init__(self, stream):
+        self.stream, self.line = stream, None
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX) and HeldBack.single_run:
+            self.line = text
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def closest(name, choices) -> str:
     """' (did you mean X?)' when one of choices is close to name, else ''."""
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
@@ -58,6 +80,9 @@ def describe(e: BaseException):
         return f"could not parse the command-line overrides: {_first_line(e)}"
     if isinstance(e, ConfigCompositionException):
         return " ".join(filter(None, [_first_line(e), _first_line(cause) if cause else ""]))
+    if isinstance(e, ValueError) and str(e) == "No trials are completed yet.":
+        # Optuna's sweeper asks its study for the best trial after the last one.
+        return "every trial of the Optuna search failed (the 'Failed experiment' lines above say why)"
     if isinstance(e, OSError) and e.filename:
         # Hydra creating the run folder, or a write into it, failed.
         return (f"{e.filename}: {e.strerror}; the run folder must be writable and have free space "

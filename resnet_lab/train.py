@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import configure_log
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,11 +25,11 @@ from resnet_lab import device as device_setup
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import build_data
 from resnet_lab.engine import RunningTotals, evaluate, train_epoch
-from resnet_lab.errors import UserError
+from resnet_lab.errors import HeldBack, UserError
 from resnet_lab.models import build_model
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker, read_status
+from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker, meaningful, read_status
 
 log = logging.getLogger("resnet_lab")
 
@@ -40,7 +41,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        # cuBLAS needs a fixed workspace to repeat itself; read when CUDA first starts.
+        # cuBLAS needs a fixed workspace to repeat itself; read when cuBLAS makes its first one.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -61,22 +62,30 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: Dic
     In its own folder (the same command again, a requeued sweep job) such a run is left as it
     is: its weights, metrics, status, checkpoints and W&B run. One killed after its last
     checkpoint, before it wrote model.pt and closed its W&B run, is not finished: it goes on to
-    do that. Into a new folder there is nothing to train: a mistake.
+    do that. Into a new folder there is nothing to train: a mistake. So is a finished run asked
+    for with other settings: its result is not theirs (a sweep rerun into the same folder with
+    new values would hand the old accuracies to its sweeper).
     """
     done, epochs = state["epoch"] - 1, cfg.trainer.epochs
     if done < epochs:
         return False
+    further = f"set trainer.epochs above {done}{' (with sched=none)' if cfg.sched.name != 'none' else ''}"
+    if state["step"]:
+        raise UserError(f"{path} is at step {state['step']} of epoch {done + 1}, past trainer.epochs={epochs}; "
+                        f"{further} to go on from there")
     if not own:
         raise UserError(f"trainer.resume={path}: that run has trained {done} epochs and trainer.epochs={epochs} "
-                        f"leaves nothing to train; set trainer.epochs above {done} to train it further")
+                        f"leaves nothing to train; {further} to train it further")
     if read_status(run_dir) != "finished":
         return False
-    log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
-             f"nothing to train (trainer.epochs above {done} trains it further)")
-    changes = checkpoint.config_changes(state["config"], cfg)
+    # The epoch count may shrink (the run is past it); anything else trained would differ.
+    changes = [c for c in meaningful(checkpoint.config_changes(state["config"], cfg))
+               if not c.startswith("trainer.epochs=")]
     if changes:
-        log.warning(f"settings that differ from the checkpoint's change nothing in a finished run: "
-                    f"{'; '.join(changes)}")
+        raise UserError(f"{run_dir} holds a run that finished with other settings ({'; '.join(changes)}); "
+                        f"train these in a new folder (hydra.run.dir, or hydra.sweep.dir for -m)")
+    log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
+             f"nothing to train ({further} to train it further)")
     return True
 
 
@@ -135,7 +144,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
             torch.manual_seed(cfg.seed + ranks.rank)
         first_epoch, first_step = state["epoch"], state["step"]
         best_acc, metrics = state["best_acc"], state["metrics"]
-        began -= state["elapsed"]  # total_seconds counts the parts before the stop
+        began -= state.get("elapsed", 0.0)  # total_seconds counts the parts before the stop
         if state["totals"] is not None:
             # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
             totals = RunningTotals.from_state_dict(state["totals"], runtime.device) if main \
@@ -249,6 +258,7 @@ def spawned_rank(cfg: DictConfig, run_dir: Path, hydra_state: bytes) -> float:
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    HeldBack.single_run = HydraConfig.get().mode == RunMode.RUN
     ranks = distributed.from_env()
     # Rank 0's alone: under torchrun the other ranks write no Hydra record (resnet_lab/__main__.py).
     with checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():

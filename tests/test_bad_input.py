@@ -3,6 +3,7 @@ folder held before is removed or changed. (Config mistakes: test_cli.py; a diver
 full disk: test_reliability.py.)"""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -116,7 +117,7 @@ def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
     (images / where / "c2").mkdir()
     code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN], tmp_path, monkeypatch, capsys)
     last = one_line_error(code, err)
-    assert "c2" in last and f"(in {images / where})" in last and "or remove it" in last
+    assert "c2" in last and f"(in {images / where})" in last and "each class folder at least one image" in last
 
 
 @pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats")])
@@ -373,11 +374,28 @@ def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root
     trained = succeeds("trainer.epochs=1")
     assert b"trainer.epochs=1" in trained["overrides.yaml"]
     for change in (["trainer.epochs=2", "model=resnet34"],  # a resume into another model: refused
-                   ["trainer.epochs=2", "optim.lr=-1"]):    # a value out of range
+                   ["trainer.epochs=2", "optim.lr=-1"],     # a value out of range
+                   ["trainer.epochs=1", "optim.lr=0.5"]):   # finished, with other settings: refused
         one_line_error(*run_cli([*args, *change], tmp_path, monkeypatch, capsys))
         assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")} == trained
-    assert succeeds("trainer.epochs=1", "optim.lr=0.5") == trained  # finished: it trains nothing
+    # Finished: the same command again, with settings that train nothing differently.
+    assert succeeds("trainer.epochs=1", "trainer.progress=true") == trained
     # A command that trains (one epoch more) is the run's record from then on.
     extended = succeeds("trainer.epochs=2")
     assert b"trainer.epochs=2" in extended["overrides.yaml"]
     assert extended == {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "hydra").glob("*.yaml")}
+
+
+def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):
+    # A run extended to 2 epochs and stopped in the middle of the second, run again with 1: the
+    # weights are past epoch 1, so neither "finished" nor a model.pt from them would be true.
+    last = run_copy / checkpoint.FOLDER / checkpoint.LAST
+    state = torch.load(last, weights_only=True)
+    state.update(epoch=2, step=1)
+    del state["elapsed"]  # as checkpoints written before it was kept
+    torch.save(state, last)
+    line = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.epochs=1",
+                        "trainer.limit_train_batches=2")
+    assert f"{last} is at step 1 of epoch 2, past trainer.epochs=1; set trainer.epochs above 1" in line
+    train(tiny_cfg(fmnist_root, "trainer.epochs=2", "trainer.limit_train_batches=2"), run_copy)
+    assert [json.loads(row)["epoch"] for row in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]

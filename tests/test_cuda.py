@@ -71,7 +71,7 @@ def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_
     # Its last checkpoint, one epoch further, on the CPU.
     cpu_dir = tmp_path / "cpu"
     cpu_dir.mkdir()
-    train(tiny_cfg(f"dataset.root={fmnist_root}", "device=cpu", "trainer.epochs=4",
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "device=cpu", "trainer.epochs=4", "logger=none",
                    f"trainer.resume={run_dir / checkpoint.FOLDER / checkpoint.LAST}"), cpu_dir)
     assert [r["epoch"] for r in rows(cpu_dir)] == [4]
 

@@ -52,7 +52,15 @@ def test_a_job_that_raises_fails_its_own_run_only(tmp_path, fmnist_root):
     assert (sweep / "1" / "status").read_text().strip() == "finished"
 
 
-def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root):
+def test_an_optuna_search_whose_every_trial_fails_says_so(tmp_path, fmnist_root, capsys):
+    code, _, out = multirun(tmp_path, fmnist_root, "hparams_search=optuna", "hydra.sweeper.params=null",
+                            "hydra.sweeper.n_trials=1", "optim=sgd", "optim.lr=1e30", "logger=none")
+    assert code == 2 and "Failed experiment: the training loss became NaN or inf" in out
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "error: every trial of the Optuna search failed (the 'Failed experiment' lines above say why)"
+
+
+def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root, capsys):
     # The grid sampler runs each of the three learning rates exactly once; 1e30 diverges.
     code, sweep, out = multirun(tmp_path, fmnist_root, "hparams_search=optuna",
                                 "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
@@ -67,6 +75,9 @@ def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root):
     assert not (runs[1e30] / "metrics.jsonl").exists()  # stopped at the step the loss went bad
     assert (runs[1e30] / "status").read_text().strip() == "failed"
     assert "Failed experiment: the training loss became NaN or inf" in out
+    # Hydra's line names the failed trial: in a sweep it is shown, not held back as for one run.
+    failed, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error executing job")]
+    assert "'optim.lr=1e+30'" in failed
     finite = {lr: metrics(runs[lr])[-1]["test_acc"] for lr in (0.01, 0.03)}
     assert result["best_value"] == max(finite.values())
     assert result["best_params"]["optim.lr"] in finite

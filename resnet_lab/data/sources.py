@@ -181,8 +181,9 @@ def _image_sizes(paths: List[str]) -> dict:
 def _classes(folder: Path, transform) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
-    except FileNotFoundError as e:  # a class folder without images: torchvision names it
-        raise UserError(f"dataset image_folder: {e} (in {folder}); put images into each class folder named, or remove it") from e
+    except FileNotFoundError as e:  # no class folders, or one without images: torchvision says which
+        raise UserError(f"dataset image_folder: {e} (in {folder}); it must hold <class>/<image> files, "
+                        f"each class folder at least one image") from e
 
 
 @DATASETS.register()
