@@ -197,6 +197,7 @@ class Checkpointer:
                 raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
                                 f"free some space or make {self.folder} writable, then run again to "
                                 f"resume") from e
+        keep_hydra_record(self.folder.parent)
 
     def restore(self, state: Dict, path: Path) -> None:
         saved_cfg = state["config"]
@@ -230,12 +231,16 @@ class Checkpointer:
 
 
 def keep_hydra_record(run_dir: Path) -> None:
-    """Copy Hydra's record of the command now training beside the checkpoints."""
+    """Copy Hydra's record of the command training now beside its checkpoints (written there
+    just before, so the folder takes files); a copy that fails costs only this convenience."""
     record, kept = run_dir / HYDRA_RECORD, run_dir / FOLDER / KEPT_RECORD
     if record.is_dir():
-        kept.mkdir(parents=True, exist_ok=True)
-        for path in record.glob("*.yaml"):
-            shutil.copy2(path, kept / path.name)
+        try:
+            kept.mkdir(exist_ok=True)
+            for path in record.glob("*.yaml"):
+                shutil.copy2(path, kept / path.name)
+        except OSError:
+            pass
 
 
 def _stamp(path: Path):

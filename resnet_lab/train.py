@@ -201,8 +201,6 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     own_run_id = state["wandb_run_id"] if own else None
     with StopSignals() as signals, \
             Tracker(run_dir, cfg, resume_id=own_run_id, rank=ranks.rank) as tracker:
-        if main:
-            checkpoint.keep_hydra_record(run_dir)
         for epoch in range(first_epoch, cfg.trainer.epochs + 1):
             totals = totals or RunningTotals(runtime.device)
             clock = time.perf_counter() - totals.seconds  # a resumed epoch counts its time before the stop

@@ -368,6 +368,7 @@ def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root
         with monkeypatch.context() as patch:
             patch.chdir(tmp_path)
             patch.setattr(sys, "argv", ["resnet_lab", *args, *change])
+            patch.setenv("HYDRA_FULL_ERROR", "0")  # main() sets it for Hydra: not for later tests
             main()
         return {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")}
 
