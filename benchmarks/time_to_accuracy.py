@@ -1,6 +1,6 @@
 """Seconds to a test accuracy: the real `python -m resnet_lab`, timed from its launch.
 
-    python benchmarks/time_to_accuracy.py --root DIR [--target 0.92] [--max-epochs 30]
+    python benchmarks/time_to_accuracy.py --root DIR [--target 0.92] [--max-epochs 30] [--max-seconds S]
                                           [--device auto|cpu|cuda] [--json FILE] [OVERRIDE ...]
 
 Runs ResNet-18 with the CIFAR stem (3x3, no max-pool: 28x28 inputs keep their resolution) and
@@ -54,15 +54,17 @@ def measure(args, run_dir: Path) -> dict:
     launched = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=errors, text=True)
     seen, reached = [], None
-    while reached is None and proc.poll() is None:
+    out_of_time = False
+    while reached is None and proc.poll() is None and not out_of_time:
         time.sleep(POLL_S)
+        out_of_time = args.max_seconds is not None and time.perf_counter() - launched > args.max_seconds
         for row in rows(metrics)[len(seen):]:
             seen.append({**row, "wall_s": time.perf_counter() - launched})
             print(f"epoch {row['epoch']}: test acc {row['test_acc']:.4f} at {seen[-1]['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
             if reached is None and row["test_acc"] >= args.target:
                 reached = seen[-1]
-    if reached is not None and proc.poll() is None:
+    if proc.poll() is None:  # reached, or out of time
         proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=STOP_TIMEOUT_S)
     # 143: stopped by our SIGTERM; 0: it finished its epochs (the last of them may be the one).
@@ -98,6 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--root", required=True, help="folder holding FashionMNIST/raw/*-ubyte")
     p.add_argument("--target", type=float, default=0.92, help="test accuracy to reach, in (0, 1]")
     p.add_argument("--max-epochs", type=int, default=30, help="give up after this many epochs")
+    p.add_argument("--max-seconds", type=float, help="give up after this many seconds from launch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--run-dir", help="a new folder for the run, kept (default: a temporary one)")
