@@ -49,28 +49,30 @@ def measure(args, run_dir: Path) -> dict:
                  f"trainer.epochs={args.max_epochs}", "trainer.progress=false", f"hydra.run.dir={run_dir}",
                  *args.overrides]
     metrics = run_dir / "metrics.jsonl"
+    seen, reached, stopped = [], None, False
     # A file, not a pipe: nobody reads a pipe while the run trains, and a full one would stop it.
-    errors = tempfile.TemporaryFile("w+")
-    launched = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=errors, text=True)
-    seen, reached = [], None
-    out_of_time = False
-    while reached is None and proc.poll() is None and not out_of_time:
-        time.sleep(POLL_S)
-        out_of_time = args.max_seconds is not None and time.perf_counter() - launched > args.max_seconds
-        for row in rows(metrics)[len(seen):]:
-            seen.append({**row, "wall_s": time.perf_counter() - launched})
-            print(f"epoch {row['epoch']}: test acc {row['test_acc']:.4f} at {seen[-1]['wall_s']:.1f} s",
-                  file=sys.stderr, flush=True)
-            if reached is None and row["test_acc"] >= args.target:
-                reached = seen[-1]
-    if proc.poll() is None:  # reached, or out of time
-        proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=STOP_TIMEOUT_S)
-    # 143: stopped by our SIGTERM; 0: it finished its epochs (the last of them may be the one).
-    if proc.returncode not in (0, 128 + signal.SIGTERM):
-        errors.seek(0)
-        raise SystemExit(f"error: the run failed with exit status {proc.returncode}:\n{errors.read()[-3000:]}")
+    with tempfile.TemporaryFile("w+") as errors:
+        launched = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=errors, text=True)
+        out_of_time = False
+        while reached is None and proc.poll() is None and not out_of_time:
+            time.sleep(POLL_S)
+            out_of_time = args.max_seconds is not None and time.perf_counter() - launched > args.max_seconds
+            for row in rows(metrics)[len(seen):]:
+                seen.append({**row, "wall_s": time.perf_counter() - launched})
+                print(f"epoch {row['epoch']}: test acc {row['test_acc']:.4f} at {seen[-1]['wall_s']:.1f} s",
+                      file=sys.stderr, flush=True)
+                if reached is None and row["test_acc"] >= args.target:
+                    reached = seen[-1]
+        if proc.poll() is None:  # reached, or out of time
+            proc.send_signal(signal.SIGTERM)
+            stopped = True
+        proc.wait(timeout=STOP_TIMEOUT_S)
+        # 0: it finished its epochs (the last may be the one); 143: our SIGTERM stopped it after a
+        # step; -15: our SIGTERM came before it set up its handler (still starting).
+        if proc.returncode != 0 and not (stopped and proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM)):
+            errors.seek(0)
+            raise SystemExit(f"error: the run failed with exit status {proc.returncode}:\n{errors.read()[-3000:]}")
     seen += [{**row, "wall_s": None} for row in rows(metrics)[len(seen):]]  # written as it exited
     reached = reached or next((r for r in seen if r["test_acc"] >= args.target), None)
     return {

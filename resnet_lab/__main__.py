@@ -41,6 +41,7 @@ def main() -> None:
     from resnet_lab.train import run
 
     ranks = distributed.from_env()
+    HeldBack.single_run = False  # until a job of this command says it is one
     stderr = HeldBack(sys.stderr)
     try:
         with distributed.process_group(ranks), contextlib.redirect_stderr(stderr):

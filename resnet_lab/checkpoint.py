@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Callable, Dict, IO, List, Optional
 
@@ -138,10 +137,12 @@ def _flat(node, prefix: str = "") -> Dict:
     return {prefix[:-1]: node}
 
 
-def config_changes(saved_cfg: Dict, cfg) -> List[str]:
-    """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's."""
+def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]:
+    """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's; with
+    shared_only, among the keys both have (a checkpoint from before a key existed lacks it)."""
     now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved_cfg)
-    return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(now.keys() | then.keys())
+    keys = now.keys() & then.keys() if shared_only else now.keys() | then.keys()
+    return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(keys)
             if k != "trainer.resume" and now.get(k) != then.get(k)]
 
 
@@ -230,17 +231,21 @@ class Checkpointer:
         set_rng_states(state["rng"], self.device)
 
 
+def _copy_record(source: Path, target: Path) -> None:
+    """The .yaml files of one record folder over another's, each whole or not at all; one that
+    fails costs only this convenience, never the run or its own error."""
+    try:
+        target.mkdir(exist_ok=True)
+        for path in source.glob("*.yaml"):
+            _atomic_write(target / path.name, lambda f: f.write(path.read_bytes()))
+    except OSError:
+        pass
+
+
 def keep_hydra_record(run_dir: Path) -> None:
-    """Copy Hydra's record of the command training now beside its checkpoints (written there
-    just before, so the folder takes files); a copy that fails costs only this convenience."""
-    record, kept = run_dir / HYDRA_RECORD, run_dir / FOLDER / KEPT_RECORD
-    if record.is_dir():
-        try:
-            kept.mkdir(exist_ok=True)
-            for path in record.glob("*.yaml"):
-                shutil.copy2(path, kept / path.name)
-        except OSError:
-            pass
+    """Copy Hydra's record of the command training now beside its checkpoints."""
+    if (run_dir / HYDRA_RECORD).is_dir():
+        _copy_record(run_dir / HYDRA_RECORD, run_dir / FOLDER / KEPT_RECORD)
 
 
 def _stamp(path: Path):
@@ -260,5 +265,4 @@ def hydra_record_kept(run_dir: Path):
         yield
     finally:
         if _stamp(status) == before and kept.is_dir() and (run_dir / HYDRA_RECORD).is_dir():
-            for path in kept.glob("*.yaml"):
-                shutil.copy2(path, run_dir / HYDRA_RECORD / path.name)
+            _copy_record(kept, run_dir / HYDRA_RECORD)

@@ -56,6 +56,11 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
+# Settings that change how a run executes, not what it learns (besides tracking.NOISE_KEYS).
+UNTRAINED = ("device.", "trainer.epochs=", "trainer.progress=", "trainer.checkpoint_every_steps=",
+             "trainer.save_weights=", "trainer.eval_batch_size=")
+
+
 def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: DictConfig) -> bool:
     """Whether the run of checkpoint `state` has nothing left to train and has ended.
 
@@ -69,23 +74,26 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: Dic
     done, epochs = state["epoch"] - 1, cfg.trainer.epochs
     if done < epochs:
         return False
-    further = f"set trainer.epochs above {done}{' (with sched=none)' if cfg.sched.name != 'none' else ''}"
+    # Only a run without a schedule can grow (Checkpointer.restore).
+    further = (f"set trainer.epochs above {done} to train it further" if cfg.sched.name == "none" else
+               f"its sched={cfg.sched.name} spans those {done} epochs: a longer run starts afresh")
     if state["step"]:
         raise UserError(f"{path} is at step {state['step']} of epoch {done + 1}, past trainer.epochs={epochs}; "
-                        f"{further} to go on from there")
+                        f"resume with trainer.epochs={state['config']['trainer']['epochs']}, as it was saved")
     if not own:
         raise UserError(f"trainer.resume={path}: that run has trained {done} epochs and trainer.epochs={epochs} "
-                        f"leaves nothing to train; {further} to train it further")
+                        f"leaves nothing to train; {further}")
     if read_status(run_dir) != "finished":
         return False
-    # The epoch count may shrink (the run is past it); anything else trained would differ.
-    changes = [c for c in meaningful(checkpoint.config_changes(state["config"], cfg))
-               if not c.startswith("trainer.epochs=")]
+    # What the run trained must match; where it runs, how it logs and checkpoints need not, and
+    # the epoch count may shrink (the run is past it).
+    changes = [c for c in meaningful(checkpoint.config_changes(state["config"], cfg, shared_only=True))
+               if not c.startswith(UNTRAINED)]
     if changes:
         raise UserError(f"{run_dir} holds a run that finished with other settings ({'; '.join(changes)}); "
                         f"train these in a new folder (hydra.run.dir, or hydra.sweep.dir for -m)")
     log.info(f"this run has finished its {done} epochs, final test acc {state['metrics']['test_acc']:.4f}: "
-             f"nothing to train ({further} to train it further)")
+             f"nothing to train ({further})")
     return True
 
 

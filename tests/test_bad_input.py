@@ -381,10 +381,25 @@ def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root
         assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")} == trained
     # Finished: the same command again, with settings that train nothing differently.
     assert succeeds("trainer.epochs=1", "trainer.progress=true") == trained
+    # A record that cannot be put back costs that alone: the run's own error still comes out.
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_atomic_write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        line = one_line_error(*run_cli([*args, "trainer.epochs=2", "model=resnet34"], tmp_path, monkeypatch, capsys))
+    assert "does not fit" in line and "it was saved by model=resnet18" in line
     # A command that trains (one epoch more) is the run's record from then on.
     extended = succeeds("trainer.epochs=2")
     assert b"trainer.epochs=2" in extended["overrides.yaml"]
     assert extended == {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "hydra").glob("*.yaml")}
+
+
+def test_a_finished_run_rerun_with_settings_that_train_nothing_differently(run_copy, fmnist_root):
+    last = run_copy / checkpoint.FOLDER / checkpoint.LAST
+    state = torch.load(last, weights_only=True)
+    del state["config"]["trainer"]["limit_eval_batches"]  # as a checkpoint from before that key
+    torch.save(state, last)
+    assert train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "device=auto",
+                          "trainer.checkpoint_every_steps=5", "trainer.save_weights=false",
+                          "trainer.eval_batch_size=7"), run_copy) == state["metrics"]["test_acc"]
 
 
 def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):
@@ -393,10 +408,11 @@ def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path,
     last = run_copy / checkpoint.FOLDER / checkpoint.LAST
     state = torch.load(last, weights_only=True)
     state.update(epoch=2, step=1)
+    state["config"]["trainer"]["epochs"] = 2
     del state["elapsed"]  # as checkpoints written before it was kept
     torch.save(state, last)
     line = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.epochs=1",
                         "trainer.limit_train_batches=2")
-    assert f"{last} is at step 1 of epoch 2, past trainer.epochs=1; set trainer.epochs above 1" in line
+    assert f"{last} is at step 1 of epoch 2, past trainer.epochs=1; resume with trainer.epochs=2, as it was saved" in line
     train(tiny_cfg(fmnist_root, "trainer.epochs=2", "trainer.limit_train_batches=2"), run_copy)
     assert [json.loads(row)["epoch"] for row in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
