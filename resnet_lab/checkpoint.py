@@ -2,7 +2,7 @@
 
 A checkpoint holds the position (`epoch` and `step`: the next batch to train), the model,
 optimizer, scheduler and grad-scaler states, the epoch's running totals, the best test accuracy
-so far and the last epoch's metrics, the RNG states, the resolved config and the W&B run id.
+so far and the last epoch's metrics, every rank's RNG states, the resolved config and the W&B run id.
 The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
 """
 
@@ -173,15 +173,18 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
-             wandb_run_id: Optional[str], elapsed: float, best: bool = False) -> None:
+             wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
+             best: bool = False) -> None:
         """Write last.pt (and best.pt) to continue at batch `step` of `epoch`; `elapsed`: the
-        run's wall seconds so far, over all its resumed parts."""
+        run's wall seconds so far, over all its resumed parts; `rngs`: every rank's random
+        states, in rank order (default: this process's)."""
+        rngs = rngs or [rng_states(self.device)]
         state = {
             "epoch": epoch, "step": step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "totals": totals, "best_acc": best_acc, "metrics": metrics,
-            "rng": rng_states(self.device),
+            "rng": rngs[0], "rng_ranks": rngs[1:],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_run_id": wandb_run_id, "elapsed": elapsed,
         }
@@ -200,7 +203,7 @@ class Checkpointer:
                                 f"resume") from e
         keep_hydra_record(self.folder.parent)
 
-    def restore(self, state: Dict, path: Path) -> None:
+    def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
         saved_cfg = state["config"]
         for key in MUST_MATCH:
             group, name = key.split(".")
@@ -228,7 +231,11 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the saving run did not scale (not fp16)
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"], self.device)
+        # Each rank's own random state (dropout's masks); a rank the saving run did not have keeps
+        # the stream its seed gave it.
+        others = state.get("rng_ranks", [])
+        if rank == 0 or rank <= len(others):
+            set_rng_states(state["rng"] if rank == 0 else others[rank - 1], self.device)
 
 
 def _copy_record(source: Path, target: Path) -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,15 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value) -> Optional[list]:
+    """Every rank's value (any picklable object), in rank order, on rank 0; None on the others."""
+    if not active():
+        return [value]
+    box = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, box, dst=0)
+    return box
 
 
 @contextlib.contextmanager

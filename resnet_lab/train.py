@@ -147,9 +147,7 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     checkpoints = checkpoint.Checkpointer(run_dir, cfg, model, optimizer, scheduler, scaler, runtime.device)
     first_epoch, first_step, totals, best_acc, metrics = 1, 0, None, -1.0, {}
     if state is not None:
-        checkpoints.restore(state, resume_from)
-        if not main:  # the random state saved is rank 0's
-            torch.manual_seed(cfg.seed + ranks.rank)
+        checkpoints.restore(state, resume_from, ranks.rank)
         first_epoch, first_step = state["epoch"], state["step"]
         best_acc, metrics = state["best_acc"], state["metrics"]
         began -= state.get("elapsed", 0.0)  # total_seconds counts the parts before the stop
@@ -180,13 +178,14 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
     def save(epoch: int, step: int, best: bool = False) -> None:
         nonlocal last_good
         whole = totals and totals.reduced()
+        rngs = distributed.gather(checkpoint.rng_states(runtime.device))
         # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
         # every rank learns whether rank 0 could write it (a full disk, say).
         with distributed.rank_0_failure_stops_all():
             if main:
                 checkpoints.save(epoch, step, totals=whole and whole.state_dict(), best_acc=best_acc,
                                  metrics=metrics, wandb_run_id=tracker.run_id,
-                                 elapsed=time.perf_counter() - began, best=best)
+                                 elapsed=time.perf_counter() - began, rngs=rngs, best=best)
         last_good = f"{checkpoints.folder / checkpoint.LAST} (epoch {epoch} step {step})"
 
     def check_finite(epoch: int) -> None:

@@ -328,3 +328,20 @@ def test_a_tracker_rank_0_cannot_open_stops_every_rank_with_its_message(fmnist_r
     assert time.monotonic() - began < distributed.GRACE_S
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_a_ddp_run_with_dropout_resumes_where_each_rank_stopped(fmnist_root, tmp_path):
+    # Each rank draws its own dropout masks; the checkpoint holds every rank's random state, so a
+    # run extended from its last checkpoint ends where one that never stopped ends.
+    args = [f"dataset.root={fmnist_root}", *TINY, "model.dropout=0.3", "trainer.deterministic=true",
+            "trainer.limit_train_batches=3", "logger=none"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference.mkdir()
+    resumed.mkdir()
+    distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), reference)
+    distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=1"), resumed)
+    state = torch.load(resumed / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    assert len(state["rng_ranks"]) == 1 and not torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])
+    distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), resumed)
+    ends = [torch.load(d / "model.pt", weights_only=True) for d in (reference, resumed)]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
