@@ -38,10 +38,12 @@ def main() -> None:
     # Hydra prints its errors over several lines; letting them propagate lets us print one.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     from resnet_lab import distributed
+    from resnet_lab.compare import SweepSummary
     from resnet_lab.train import run
 
     ranks = distributed.from_env()
     HeldBack.single_run = False  # until a job of this command says it is one
+    SweepSummary.unfinished = None
     stderr = HeldBack(sys.stderr)
     try:
         with distributed.process_group(ranks), contextlib.redirect_stderr(stderr):
@@ -53,6 +55,8 @@ def main() -> None:
               "checkpoint written", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
+        if SweepSummary.unfinished:  # a sweep whose jobs all ran, one or more of them failed
+            SweepSummary.summarise(SweepSummary.unfinished)
         message = describe(e)
         if stderr.line and (message is None or full_error):
             sys.stderr.write(stderr.line)

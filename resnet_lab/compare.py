@@ -200,8 +200,19 @@ def best(runs: Sequence[Run]) -> Optional[Run]:
 class SweepSummary(Callback):
     """At the end of a sweep: its runs side by side, then the best run and its folder."""
 
+    # The sweep begun and not yet summarised. Hydra's basic sweeper raises a failed job's error
+    # after the last job, skipping on_multirun_end: __main__ summarises it then.
+    unfinished: Optional[Path] = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        SweepSummary.unfinished = Path(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self.summarise(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def summarise(sweep_dir: Path) -> None:
+        SweepSummary.unfinished = None
         try:
             runs = find_runs([sweep_dir])
         except UserError:

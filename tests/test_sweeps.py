@@ -52,6 +52,15 @@ def test_a_job_that_raises_fails_its_own_run_only(tmp_path, fmnist_root):
     assert (sweep / "1" / "status").read_text().strip() == "finished"
 
 
+def test_a_sweep_with_a_failed_job_still_ends_with_its_runs_side_by_side(tmp_path, fmnist_root, capsys):
+    # Hydra's basic sweeper runs every job, then raises the first failure (skipping the callback
+    # that prints the table): the table comes before the error line all the same.
+    code, sweep, out = multirun(tmp_path, fmnist_root, "optim=sgd", "optim.lr=1e30,0.01", "logger=none")
+    assert code == 2
+    assert f"sweep {sweep}" in out and "failed" in out and f"best run: {sweep / '1'}" in out
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: the training loss became NaN")
+
+
 def test_an_optuna_search_whose_every_trial_fails_says_so(tmp_path, fmnist_root, capsys):
     code, _, out = multirun(tmp_path, fmnist_root, "hparams_search=optuna", "hydra.sweeper.params=null",
                             "hydra.sweeper.n_trials=1", "optim=sgd", "optim.lr=1e30", "logger=none")
