@@ -4,8 +4,8 @@
 
 Pipelines, all on Fashion-MNIST from DIR at one batch size, fed full batches of 28x28 images:
   baseline         the starting-point script, written out below: torchvision dataset with
-                   ToTensor, DataLoader(shuffle, 4 workers), the d2l ResNet-18, Adam, .item()
-                   every step
+                   ToTensor, DataLoader(shuffle, 4 workers), the d2l ResNet-18 (resnet18_d2l),
+                   Adam, .item() every step
   bare             forward, backward and Adam step of resnet_lab's resnet18 on one fixed batch
                    in plain torch: the limit of the hardware for those settings
   resnet_lab       resnet_lab.engine.train_epoch with the package's own loader, model,
@@ -49,42 +49,6 @@ def settings(name: str, device: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The pipelines: each returns run(steps) -> images trained, and runs in a child process.
 
-def d2l_resnet18(width: int = 64, in_channels: int = 1, num_classes: int = 10):
-    """The starting-point script's network (d2l.ai, chapter 8.6): conv biases, 1x1-conv
-    shortcuts without batch norm."""
-    from torch import nn
-    from torch.nn import functional as F
-
-    class Residual(nn.Module):
-        def __init__(self, cin, cout, use_1x1conv=False, strides=1):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, kernel_size=3, padding=1, stride=strides)
-            self.conv2 = nn.Conv2d(cout, cout, kernel_size=3, padding=1)
-            self.conv3 = nn.Conv2d(cin, cout, kernel_size=1, stride=strides) if use_1x1conv else None
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.bn2 = nn.BatchNorm2d(cout)
-
-        def forward(self, X):
-            Y = F.relu(self.bn1(self.conv1(X)))
-            Y = self.bn2(self.conv2(Y))
-            if self.conv3:
-                X = self.conv3(X)
-            Y += X
-            return F.relu(Y)
-
-    def resnet_block(cin, cout, num_residuals, first_block=False):
-        return nn.Sequential(*[
-            Residual(cin, cout, use_1x1conv=True, strides=2) if i == 0 and not first_block
-            else Residual(cout, cout) for i in range(num_residuals)])
-
-    w = width
-    b1 = nn.Sequential(nn.Conv2d(in_channels, w, kernel_size=7, stride=2, padding=3),
-                       nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-    return nn.Sequential(b1, resnet_block(w, w, 2, first_block=True), resnet_block(w, 2 * w, 2),
-                         resnet_block(2 * w, 4 * w, 2), resnet_block(4 * w, 8 * w, 2),
-                         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(8 * w, num_classes))
-
-
 def baseline(args, device, _settings):
     import warnings
 
@@ -92,11 +56,14 @@ def baseline(args, device, _settings):
     from torch import nn
     from torchvision import datasets, transforms
 
+    from resnet_lab.models import MODELS
+
     # The script's 4 workers on a 2-core machine: torch warns about it, and it is what ran.
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     train_data = datasets.FashionMNIST(args.root, train=True, transform=transforms.ToTensor())
     train_iter = torch.utils.data.DataLoader(train_data, args.batch_size, shuffle=True, num_workers=4)
-    net = d2l_resnet18(args.width).to(device)
+    # The script's network: resnet18_d2l is it, logit for logit (tests/test_models.py).
+    net = MODELS.get("resnet18_d2l")(in_channels=1, num_classes=10, width=args.width).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss = nn.CrossEntropyLoss()
     batches = iter(())
@@ -363,7 +330,7 @@ def measure(args) -> dict:
             "main_rss_mb": final["main_rss_mb"],
             "cuda_peak_mb": final["cuda_peak_mb"],
             "warmup_s": warmup[name],
-            "model": "d2l_resnet18" if name == "baseline" else "resnet18",
+            "model": "resnet18_d2l" if name == "baseline" else "resnet18",
             **settings(name, args.device),
         }
     watch.stopped.set()
