@@ -53,6 +53,19 @@ def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False
     pytest.fail(f"no checkpoint at or past {target}")
 
 
+def sigterm_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False, to=None) -> int:
+    """Catch the run at its first checkpoint at or past target (the process, or its whole group),
+    send SIGTERM to `to` (a pid; default: what was caught), let it all go on, and return the
+    run's exit status."""
+    freeze_at(proc, run_dir, target, group)
+    if to is not None:
+        os.kill(to, signal.SIGTERM)
+    else:
+        (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+    (os.killpg if group else os.kill)(proc.pid, signal.SIGCONT)
+    return proc.wait(timeout=120)
+
+
 def contents(run_dir: Path) -> dict:
     """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
     the log, and W&B's debug logs (its service may still append to them after the run ends)."""

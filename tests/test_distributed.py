@@ -24,7 +24,7 @@ from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
-from tests.runs import freeze_at, fresh_env, start
+from tests.runs import freeze_at, fresh_env, sigterm_at, start
 from tests.test_reliability import epochs, tiny_cfg
 from tests.wandb_file import read_run
 
@@ -187,11 +187,8 @@ def test_a_stopped_ddp_run_resumes_in_one_process(fmnist_root, tmp_path):
     proc = start([f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=2", "trainer.checkpoint_every_steps=1",
                   "device.world_size=2"], run_dir, start_new_session=True)
     try:
-        freeze_at(proc, run_dir, (1, 2), group=True)
         # SIGTERM to the launching process alone: it passes it on to the ranks.
-        os.kill(proc.pid, signal.SIGTERM)
-        os.killpg(proc.pid, signal.SIGCONT)
-        assert proc.wait(timeout=120) == 143
+        assert sigterm_at(proc, run_dir, (1, 2), group=True, to=proc.pid) == 143
     finally:
         proc.kill()
     out = (tmp_path / "run.log").read_text()

@@ -24,7 +24,7 @@ from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.train import train
-from tests.runs import contents, freeze_at, fresh_env, start
+from tests.runs import contents, freeze_at, fresh_env, sigterm_at, start
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -122,10 +122,7 @@ def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path
     proc = start([*args, "dataset.num_workers=2", "trainer.checkpoint_every_steps=1"], run_dir,
                  start_new_session=True)
     try:
-        freeze_at(proc, run_dir, (1, 1), group=True)
-        os.killpg(proc.pid, signal.SIGTERM)
-        os.killpg(proc.pid, signal.SIGCONT)
-        assert proc.wait(timeout=120) == 143
+        assert sigterm_at(proc, run_dir, (1, 1), group=True) == 143
     finally:
         proc.kill()
     log = (tmp_path / "run.log").read_text()
