@@ -171,6 +171,7 @@ class Checkpointer:
         self.folder = run_dir / FOLDER
         self.cfg, self.device = cfg, device
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.record_kept = False
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
              wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
@@ -201,7 +202,9 @@ class Checkpointer:
                 raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
                                 f"free some space or make {self.folder} writable, then run again to "
                                 f"resume") from e
-        keep_hydra_record(self.folder.parent)
+        if not self.record_kept:  # Hydra's record stays the same while the job runs
+            keep_hydra_record(self.folder.parent)
+            self.record_kept = True
 
     def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
         saved_cfg = state["config"]

@@ -87,12 +87,13 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def meaningful(overrides: Sequence[str]) -> List[str]:
-    """The overrides that change what a run trains, in their order (a later one wins)."""
+def meaningful(overrides: Sequence[str], also: Sequence[str] = ()) -> List[str]:
+    """The overrides that change what a run trains, in their order (a later one wins); `also`:
+    more keys (or groups of keys) to leave out beside NOISE_KEYS."""
     keep = []
     for override in overrides:
         key = override_key(override)
-        if not any(key == noise or key.startswith(noise + ".") for noise in NOISE_KEYS):
+        if not any(key == noise or key.startswith(noise + ".") for noise in (*NOISE_KEYS, *also)):
             keep.append(override)
     return keep
 

@@ -56,9 +56,10 @@ def check_ranks(cfg: DictConfig, ranks: distributed.Ranks, runtime: device_setup
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
 
 
-# Settings that change how a run executes, not what it learns (besides tracking.NOISE_KEYS).
-UNTRAINED = ("device.", "trainer.epochs=", "trainer.progress=", "trainer.checkpoint_every_steps=",
-             "trainer.save_weights=", "trainer.eval_batch_size=")
+# Settings that change how a run executes, not what it learns (besides tracking.NOISE_KEYS;
+# trainer.epochs: a finished run is past any smaller count).
+UNTRAINED = ("device", "trainer.epochs", "trainer.checkpoint_every_steps", "trainer.save_weights",
+             "trainer.eval_batch_size")
 
 
 def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: DictConfig) -> bool:
@@ -87,8 +88,7 @@ def already_finished(state: dict, path: Path, own: bool, run_dir: Path, cfg: Dic
         return False
     # What the run trained must match; where it runs, how it logs and checkpoints need not, and
     # the epoch count may shrink (the run is past it).
-    changes = [c for c in meaningful(checkpoint.config_changes(state["config"], cfg, shared_only=True))
-               if not c.startswith(UNTRAINED)]
+    changes = meaningful(checkpoint.config_changes(state["config"], cfg, shared_only=True), also=UNTRAINED)
     if changes:
         raise UserError(f"{run_dir} holds a run that finished with other settings ({'; '.join(changes)}); "
                         f"train these in a new folder (hydra.run.dir, or hydra.sweep.dir for -m)")
@@ -153,9 +153,8 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
         began -= state.get("elapsed", 0.0)  # total_seconds counts the parts before the stop
         if state["totals"] is not None:
             # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
-            totals = RunningTotals.from_state_dict(state["totals"], runtime.device) if main \
-                else RunningTotals(runtime.device)
-            totals.seconds = state["totals"]["seconds"]
+            saved = state["totals"] if main else {"seconds": state["totals"]["seconds"]}
+            totals = RunningTotals.from_state_dict(saved, runtime.device)
         changes = checkpoint.config_changes(state["config"], cfg)
         log.info(f"resuming from {resume_from} at epoch {first_epoch} step {first_step}")
         if changes:

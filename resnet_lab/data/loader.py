@@ -8,7 +8,7 @@ would, and each batch stays a pure function of (seed, epoch, batch index, rank).
 
 import signal
 from dataclasses import dataclass
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -56,12 +56,12 @@ class Normalizer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
 
-    def __call__(self, images: torch.Tensor, augment_seed: int = None, part: slice = None,
-                 total: int = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, augment_seed: Optional[int], part: slice,
+                 total: int) -> torch.Tensor:
         """`part`: where these images lie in their global batch of `total`, for which the random
         augmentation is drawn (so that a rank's part is augmented as in one rank's batch)."""
         if augment_seed is not None:
-            images = self.flip_crop(images, augment_seed, part or slice(0, len(images)), total or len(images))
+            images = self.flip_crop(images, augment_seed, part, total)
         x = (images.float() - self.shift) * self.scale
         return x.contiguous(memory_format=self.memory_format)
 

@@ -133,8 +133,8 @@ def synthetic(cfg):
     return split(cfg.train_size), split(cfg.test_size), cfg.num_classes
 
 
-def _image_files(folder: Path):
-    return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
 
 
 @contextlib.contextmanager
@@ -192,7 +192,7 @@ def image_folder(cfg):
     root = Path(cfg.root)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     train_dir = root / "train" if test_dir is not None and (root / "train").is_dir() else root
-    if not _image_files(train_dir):
+    if not _has_images(train_dir):
         raise UserError(f"dataset image_folder: no images under {train_dir} "
                         f"(expected {train_dir}/<class>/<image>.png)")
     steps = [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
