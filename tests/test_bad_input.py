@@ -130,6 +130,11 @@ def test_image_folder_of_mixed_sizes_without_resize(folders, tmp_path, monkeypat
     last = one_line_error(code, err)
     for word in ("different sizes", "16x16", "20x12", "dataset.resize"):
         assert word in last
+    # ... and with dataset.resize=N they are all read at N x N.
+    cfg = tiny_cfg(tmp_path / "images", "dataset=image_folder", "dataset.resize=12", "dataset.num_workers=0",
+                   "trainer.batch_size=1")
+    data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), cfg.seed)
+    assert {x.shape[-2:] for loader in (data.train, data.test) for x, _ in loader.batches(1)} == {(12, 12)}
 
 
 def write_split_folder(root: Path) -> Path:
@@ -397,9 +402,11 @@ def test_a_finished_run_rerun_with_settings_that_train_nothing_differently(run_c
     state = torch.load(last, weights_only=True)
     del state["config"]["trainer"]["limit_eval_batches"]  # as a checkpoint from before that key
     torch.save(state, last)
+    before = contents(run_copy)
     assert train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2", "device=auto",
                           "trainer.checkpoint_every_steps=5", "trainer.save_weights=false",
                           "trainer.eval_batch_size=7"), run_copy) == state["metrics"]["test_acc"]
+    assert contents(run_copy) == before
 
 
 def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):

@@ -114,16 +114,39 @@ def test_every_device_preset_composes(device):
             device_setup.resolve(cfg.device)
 
 
-def test_warmup_then_schedule():
-    cfg = composed("sched=cosine", "sched.warmup_epochs=1", "trainer.epochs=3")
+def lr_curve(*overrides, steps: int = 30) -> list:
+    """The learning rate over 3 epochs of 10 steps, for a base lr of 1."""
+    cfg = composed(*overrides, "trainer.epochs=3")
     opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
     scheduler = build_scheduler(opt, cfg.sched, steps_per_epoch=10, epochs=3)
     lrs = [opt.param_groups[0]["lr"]]
-    for _ in range(30):
+    for _ in range(steps):
         opt.step()
         scheduler.step()
         lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_warmup_then_schedule():
+    lrs = lr_curve("sched=cosine", "sched.warmup_epochs=1")
     assert lrs[0] == pytest.approx(0.01)  # warmup starts low
     assert lrs[10] == pytest.approx(1.0)  # and peaks after one epoch
     assert lrs[29] < 0.05  # cosine to ~0 by the end
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))
+
+
+def test_schedule_knobs_shape_the_curve():
+    lrs = lr_curve("sched=cosine", "sched.warmup_epochs=1", "sched.warmup_start_factor=0.1", "sched.min_lr=0.2")
+    assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(1.0) and lrs[30] == pytest.approx(0.2)
+    # onecycle peaks after pct_start of its steps (OneCycleLR steps at most its total, 30, times).
+    lrs = lr_curve("sched=onecycle", "sched.pct_start=0.5", steps=29)
+    assert 13 <= max(range(len(lrs)), key=lrs.__getitem__) <= 15
+    assert max(range(len(lrs)), key=lr_curve("sched=onecycle", steps=29).__getitem__) < 10
+
+
+def test_optimizer_knobs_reach_torch():
+    model = torch.nn.Linear(1, 1)
+    sgd = build_optimizer(model, composed("optim=sgd", "optim.nesterov=true", "optim.momentum=0.8").optim)
+    assert sgd.defaults["nesterov"] is True and sgd.defaults["momentum"] == 0.8
+    adamw = build_optimizer(model, composed("optim=adamw", "optim.betas=[0.8,0.9]", "optim.weight_decay=0.3").optim)
+    assert adamw.defaults["betas"] == (0.8, 0.9) and adamw.defaults["weight_decay"] == 0.3

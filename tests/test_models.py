@@ -29,10 +29,13 @@ IMAGENET = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_0
             "resnet101": 44_549_160, "resnet152": 60_192_808, "resnext50_32x4d": 25_028_904,
             "resnext101_32x8d": 88_791_336, "resnext101_64x4d": 83_455_272,
             "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696}
+# The ImageNet-layout networks torchvision lacks, as README.md's table gives them.
+PREACT_IMAGENET = {"preact_resnet18": 11_687_720, "preact_resnet34": 21_795_880}
 # The papers' networks with 3 input channels and 10 classes.
 CIFAR10 = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
            "resnet110": 1_727_962, "resnet1202": 19_421_274, "wrn_28_10": 36_479_194,
-           "wrn_40_4": 8_949_210, "preact_resnet164": 1_703_258}
+           "wrn_40_4": 8_949_210, "wrn_16_8": 10_961_370, "preact_resnet110": 1_727_962,
+           "preact_resnet164": 1_703_258}
 
 
 def count(model: nn.Module) -> int:
@@ -56,6 +59,11 @@ def test_imagenet_family_counts_equal_torchvision(name, params):
     with torch.device("meta"):
         theirs = getattr(torchvision.models, name)()
     assert count(on_meta(name)) == count(theirs) == params
+
+
+@pytest.mark.parametrize("name, params", PREACT_IMAGENET.items())
+def test_preact_imagenet_counts(name, params):
+    assert count(on_meta(name)) == params
 
 
 def randomise(model: nn.Module) -> None:
