@@ -3,7 +3,6 @@ and one finished sweep that the sweep and compare tests share."""
 
 import contextlib
 import io
-import json
 import sys
 
 import pytest
@@ -30,10 +29,6 @@ def multirun(where, fmnist_root, *args):
         except SystemExit as e:
             code = e.code
     return code, sweep, out.getvalue()
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 LRS = ("0.001", "0.002", "0.003")

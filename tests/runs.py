@@ -1,6 +1,7 @@
 """Helpers for tests that run training in processes of their own: a fresh environment, a run
 started in a folder, a run caught at a checkpoint, and what a run folder holds."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,11 @@ import pytest
 import torch
 
 from resnet_lab import checkpoint
+
+
+def metrics(run_dir: Path) -> list:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def fresh_env():

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from resnet_lab.compare import find_runs, main, plot
-from tests.launch import LRS, TINY, grid_sweep, metrics  # noqa: F401  (a fixture)
+from tests.launch import LRS, TINY, grid_sweep  # noqa: F401  (a fixture)
+from tests.runs import metrics
 
 
 def test_table_holds_the_values_of_the_metrics_files(grid_sweep, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """The whole run on a CUDA GPU (skipped without one): each device setting end to end, a stop
 and resume, checkpoints moving between the GPU and the CPU, and two ranks over NCCL."""
 
-import json
 import math
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 from resnet_lab import checkpoint
 from resnet_lab.optim import build_optimizer
 from resnet_lab.train import train
-from tests.runs import sigterm_at, start
+from tests.runs import metrics, sigterm_at, start
 from tests.test_reliability import TINY, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,10 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # test_reliability's tiny run (3 epochs of 6 steps), at the GPU's settings.
 GPU = ["device=cuda", "device.precision=null", "device.channels_last=null", "trainer.deterministic=false",
        "trainer.checkpoint_every_steps=0", "logger=none"]
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("settings", [
@@ -34,11 +29,11 @@ def rows(run_dir):
 ], ids=["defaults", "fp16", "fp32-eager", "compile"])
 def test_run_trains_on_the_gpu(fmnist_root, tmp_path, settings):
     acc = train(tiny_cfg(f"dataset.root={fmnist_root}", *GPU, *settings), tmp_path)
-    metrics = rows(tmp_path)
-    assert [r["epoch"] for r in metrics] == [1, 2, 3]
-    assert all(math.isfinite(r["train_loss"]) for r in metrics)
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # it learns
-    assert acc == metrics[-1]["test_acc"] and 0 <= acc <= 1
+    logged = metrics(tmp_path)
+    assert [r["epoch"] for r in logged] == [1, 2, 3]
+    assert all(math.isfinite(r["train_loss"]) for r in logged)
+    assert logged[-1]["train_loss"] < logged[0]["train_loss"]  # it learns
+    assert acc == logged[-1]["test_acc"] and 0 <= acc <= 1
     weights = torch.load(tmp_path / "model.pt", weights_only=True)  # saved as CPU tensors
     assert all(w.device.type == "cpu" and torch.isfinite(w.float()).all() for w in weights.values())
 
@@ -63,13 +58,13 @@ def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_
     # The same command again: the GPU run continues to its end.
     proc = start(args, run_dir)
     assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
-    assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3]
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2, 3]
     # Its last checkpoint, one epoch further, on the CPU.
     cpu_dir = tmp_path / "cpu"
     cpu_dir.mkdir()
     train(tiny_cfg(f"dataset.root={fmnist_root}", "device=cpu", "trainer.epochs=4", "logger=none",
                    f"trainer.resume={run_dir / checkpoint.FOLDER / checkpoint.LAST}"), cpu_dir)
-    assert [r["epoch"] for r in rows(cpu_dir)] == [4]
+    assert [r["epoch"] for r in metrics(cpu_dir)] == [4]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -80,5 +75,5 @@ def test_two_gpus_train_one_run_over_nccl(fmnist_root, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks" in proc.stdout + proc.stderr
-    assert [r["epoch"] for r in rows(run_dir)] == [1, 2, 3]
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2, 3]
     assert (run_dir / "model.pt").exists()

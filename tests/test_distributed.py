@@ -2,7 +2,6 @@
 starting ranks gives one run (one folder, one metrics.jsonl, one W&B run), a DDP checkpoint
 resumes in one process, and a submitit_local sweep is preempted, requeued and resumed."""
 
-import json
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
-from tests.runs import freeze_at, fresh_env, sigterm_at, start
+from tests.runs import freeze_at, fresh_env, metrics, sigterm_at, start
 from tests.test_reliability import epochs, tiny_cfg
 from tests.wandb_file import read_run
 
@@ -110,17 +109,13 @@ def test_two_ranks_learn_what_one_rank_learns():
     assert (torch.tensor(one["weights"]["0.weight"]) - first).abs().max() > 1e-3
 
 
-def rows(run_dir: Path):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def run_folders(root: Path):
     return sorted(p.parent for p in root.rglob(".hydra"))
 
 
 def assert_one_run(run_dir: Path, out: str, epochs_run: int) -> None:
     """One folder's worth of output, written by rank 0 alone."""
-    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, epochs_run + 1))
+    assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs_run + 1))
     wandb_runs = list(run_dir.glob("wandb/*run-*/run-*.wandb"))
     assert len(wandb_runs) == 1
     run = read_run(run_dir)
@@ -142,7 +137,7 @@ def cli(args, cwd: Path, launcher=(sys.executable, "-m", "resnet_lab"), **popen)
 def one_rank(fmnist_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_rank")
     train(tiny_cfg(f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1"), run_dir)
-    return rows(run_dir)[0]
+    return metrics(run_dir)[0]
 
 
 def assert_close_to_one_rank(row, one_rank) -> None:
@@ -159,7 +154,7 @@ def test_device_world_size_spawns_ranks_inside_one_run(fmnist_root, tmp_path, on
     assert proc.returncode == 0, proc.stderr
     assert run_folders(tmp_path) == [tmp_path / "run"]
     assert_one_run(tmp_path / "run", proc.stdout, 1)
-    assert_close_to_one_rank(rows(tmp_path / "run")[0], one_rank)
+    assert_close_to_one_rank(metrics(tmp_path / "run")[0], one_rank)
 
 
 def test_torchrun_ranks_agree_on_one_run_folder(fmnist_root, tmp_path, one_rank):
@@ -174,7 +169,7 @@ def test_torchrun_ranks_agree_on_one_run_folder(fmnist_root, tmp_path, one_rank)
     (run_dir,) = run_folders(tmp_path)
     assert run_dir.relative_to(tmp_path).parts[:2] == ("outputs", "runs")
     assert_one_run(run_dir, proc.stdout, 1)
-    assert_close_to_one_rank(rows(run_dir)[0], one_rank)
+    assert_close_to_one_rank(metrics(run_dir)[0], one_rank)
 
 
 def test_multirun_under_torchrun_is_refused():

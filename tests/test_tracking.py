@@ -16,7 +16,7 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.tracking import Tracker
 from resnet_lab.train import train
-from tests.launch import metrics
+from tests.runs import metrics
 from tests.wandb_file import read_run, records
 
 
