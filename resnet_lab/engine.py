@@ -18,7 +18,7 @@ StepHook = Callable[[int, torch.Tensor], None]
 
 
 class RunningTotals:
-    """An epoch's training sums so far, on the device.
+    """An epoch's sums so far (of training, or of an evaluation pass), on the device.
 
     A mid-epoch checkpoint saves them, so that a resumed epoch reports the same metrics as an
     uninterrupted one.
@@ -57,8 +57,8 @@ class RunningTotals:
         total.seconds, total.first_bad_step = self.seconds, self.first_bad_step.clone()
         return total
 
-    def metrics(self) -> Dict[str, float]:
-        return {"train_loss": self.loss_sum.item() / self.seen, "train_acc": self.correct.item() / self.seen}
+    def metrics(self, split: str = "train") -> Dict[str, float]:
+        return {f"{split}_loss": self.loss_sum.item() / self.seen, f"{split}_acc": self.correct.item() / self.seen}
 
     def state_dict(self) -> Dict:
         return dict(vars(self))
@@ -96,20 +96,12 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
 
 def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[str, float]:
     model.eval()
-    device = runtime.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    totals = RunningTotals(runtime.device)
     # A compiled model that alternates between inference mode and training can fail
     # (pytorch/pytorch#135892); no_grad costs it nothing measurable.
     with torch.no_grad() if runtime.compile else torch.inference_mode():
-        for x, y in loader.batches(0):
+        for step, (x, y) in enumerate(loader.batches(0)):
             with runtime.autocast():
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-    distributed.all_reduce(loss_sum)
-    distributed.all_reduce(correct)
-    seen = int(distributed.all_reduce(torch.tensor(seen, device=device)))
-    return {"test_loss": loss_sum.item() / seen, "test_acc": correct.item() / seen}
+            totals.add(step, F.cross_entropy(logits.float(), y), logits, y)
+    return totals.reduced().metrics("test")
