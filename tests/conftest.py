@@ -81,3 +81,15 @@ def one_thread():
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory, fmnist_root):
+    """Three tiny jobs over optim.lr, W&B offline, an interpolation and tags: (sweep folder,
+    stdout), shared by the sweep and compare tests."""
+    from tests.launch import LRS, multirun
+
+    code, sweep, out = multirun(tmp_path_factory.mktemp("grid"), fmnist_root, f"optim.lr={','.join(LRS)}",
+                                "trainer.eval_batch_size=${trainer.batch_size}", "logger.tags=[ci,tiny]")
+    assert code == 0
+    return sweep, out

@@ -1,5 +1,4 @@
-"""`python -m resnet_lab -m ...` inside the test process, so the basic launcher runs every job here;
-and one finished sweep that the sweep and compare tests share."""
+"""`python -m resnet_lab -m ...` inside the test process, so the basic launcher runs every job here."""
 
 import contextlib
 import io
@@ -32,18 +31,3 @@ def multirun(where, fmnist_root, *args):
 
 
 LRS = ("0.001", "0.002", "0.003")
-_grid = {}
-
-
-@pytest.fixture(scope="session")
-def grid_sweep(tmp_path_factory, fmnist_root):
-    """Three tiny jobs over optim.lr, W&B offline, an interpolation and tags: (sweep folder, stdout).
-
-    Imported by two test modules, so pytest sees two fixtures: the cache makes it one sweep.
-    """
-    if not _grid:
-        code, sweep, out = multirun(tmp_path_factory.mktemp("grid"), fmnist_root, f"optim.lr={','.join(LRS)}",
-                                    "trainer.eval_batch_size=${trainer.batch_size}", "logger.tags=[ci,tiny]")
-        assert code == 0
-        _grid["sweep"] = sweep, out
-    return _grid["sweep"]

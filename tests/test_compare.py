@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from resnet_lab.compare import find_runs, main, plot
-from tests.launch import LRS, TINY, grid_sweep  # noqa: F401  (a fixture)
+from tests.launch import LRS, TINY
 from tests.runs import metrics
 
 

@@ -4,7 +4,7 @@ process), a failing job that does not leak into the next, Optuna with a divergin
 import pytest
 import yaml
 
-from tests.launch import LRS, grid_sweep, multirun  # noqa: F401  (a fixture)
+from tests.launch import LRS, multirun
 from tests.runs import metrics
 from tests.wandb_file import read_run
 
