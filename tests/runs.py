@@ -59,15 +59,16 @@ def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False
     pytest.fail(f"no checkpoint at or past {target}")
 
 
-def sigterm_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False, to=None) -> int:
+def stop_at(proc: subprocess.Popen, run_dir: Path, target, signum: int = signal.SIGTERM, group: bool = False,
+            to=None) -> int:
     """Catch the run at its first checkpoint at or past target (the process, or its whole group),
-    send SIGTERM to `to` (a pid; default: what was caught), let it all go on, and return the
+    send signum to `to` (a pid; default: what was caught), let it all go on, and return the
     run's exit status."""
     freeze_at(proc, run_dir, target, group)
     if to is not None:
-        os.kill(to, signal.SIGTERM)
+        os.kill(to, signum)
     else:
-        (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+        (os.killpg if group else os.kill)(proc.pid, signum)
     (os.killpg if group else os.kill)(proc.pid, signal.SIGCONT)
     return proc.wait(timeout=120)
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from resnet_lab.compare import find_runs, main, plot
-from tests.launch import LRS, TINY
+from tests.launch import LRS, TINY, multirun
 from tests.runs import metrics
 
 
@@ -75,6 +75,15 @@ def test_an_interrupted_run_shows_as_not_finished(grid_sweep, tmp_path, fmnist_r
     assert table[str(run_dir)]["epochs"] == f"{len(metrics(run_dir))}/300"
     assert table[str(run_dir)]["trainer.epochs"] == "300"
     assert [table[str(grid_sweep[0] / str(job))]["status"] for job in range(3)] == ["finished"] * 3
+
+
+def test_a_job_that_failed_before_training_shows_as_not_started(tmp_path, fmnist_root):
+    code, sweep, _ = multirun(tmp_path, fmnist_root, "optim.lr=-1,0.001", "logger=none")
+    assert code == 2  # job 0's optim.lr=-1 is refused before it trains
+    main([str(sweep), "--csv", str(tmp_path / "runs.csv")])
+    with open(tmp_path / "runs.csv") as f:
+        assert {row["run"]: row["status"] for row in csv.DictReader(f)} == \
+            {str(sweep / "0"): "not started", str(sweep / "1"): "finished"}
 
 
 def test_a_folder_without_runs_is_one_clear_line(tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from resnet_lab import checkpoint
 from resnet_lab.optim import build_optimizer
 from resnet_lab.train import train
-from tests.runs import metrics, sigterm_at, start
+from tests.runs import metrics, stop_at, start
 from tests.test_reliability import TINY, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,7 +50,7 @@ def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_
     args = [f"dataset.root={fmnist_root}", *TINY, *GPU, "trainer.checkpoint_every_steps=1"]
     proc = start(args, run_dir)
     try:
-        assert sigterm_at(proc, run_dir, (1, 2)) == 143
+        assert stop_at(proc, run_dir, (1, 2)) == 143
     finally:
         proc.kill()
     state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)

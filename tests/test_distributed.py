@@ -23,7 +23,7 @@ from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
-from tests.runs import freeze_at, fresh_env, metrics, sigterm_at, start
+from tests.runs import freeze_at, fresh_env, metrics, stop_at, start
 from tests.test_reliability import epochs, tiny_cfg
 from tests.wandb_file import read_run
 
@@ -183,7 +183,7 @@ def test_a_stopped_ddp_run_resumes_in_one_process(fmnist_root, tmp_path):
                   "device.world_size=2"], run_dir, start_new_session=True)
     try:
         # SIGTERM to the launching process alone: it passes it on to the ranks.
-        assert sigterm_at(proc, run_dir, (1, 2), group=True, to=proc.pid) == 143
+        assert stop_at(proc, run_dir, (1, 2), group=True, to=proc.pid) == 143
     finally:
         proc.kill()
     out = (tmp_path / "run.log").read_text()

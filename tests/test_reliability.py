@@ -24,7 +24,7 @@ from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.train import train
-from tests.runs import contents, freeze_at, fresh_env, sigterm_at, start
+from tests.runs import contents, freeze_at, fresh_env, stop_at, start
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -122,7 +122,7 @@ def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path
     proc = start([*args, "dataset.num_workers=2", "trainer.checkpoint_every_steps=1"], run_dir,
                  start_new_session=True)
     try:
-        assert sigterm_at(proc, run_dir, (1, 1), group=True) == 143
+        assert stop_at(proc, run_dir, (1, 1), group=True) == 143
     finally:
         proc.kill()
     log = (tmp_path / "run.log").read_text()
@@ -379,3 +379,16 @@ def test_a_checkpoint_resumes_fused_or_not_as_this_device_builds(saved_fused, fu
     before = [p.detach().clone() for p in model.parameters()]
     step(model, optimizer, restoring.scaler)  # an AssertionError inside torch, were the flags mixed
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_ctrl_c_mid_epoch_writes_last_pt_and_exits_130(fmnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start([f"dataset.root={fmnist_root}", *TINY, "trainer.checkpoint_every_steps=1", "logger=none"], run_dir)
+    try:
+        assert stop_at(proc, run_dir, (1, 1), signal.SIGINT) == 130
+    finally:
+        proc.kill()
+    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] >= 1 and (run_dir / "status").read_text() == "stopped\n"
+    log = (tmp_path / "run.log").read_text()
+    assert "SIGINT: stopped at epoch 1 step" in log and "Traceback" not in log
