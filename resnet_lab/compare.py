@@ -21,7 +21,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import MetricsFile, meaningful, override_key, read_status
+from resnet_lab.resume import meaningful, override_key
+from resnet_lab.tracking import MetricsFile, read_status
 
 COLUMNS = ("best_test_acc", "final_test_acc", "final_train_loss", "epochs", "seconds",
            "images_per_s", "status")
