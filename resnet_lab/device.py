@@ -88,7 +88,7 @@ def resolve(cfg, ranks: Ranks = Ranks()) -> Runtime:
         raise UserError("device.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    if cfg.sync_bn and kind != "cuda":
+    if cfg.get("sync_bn") and kind != "cuda":
         raise UserError(f"device.sync_bn=true: torch's SyncBatchNorm runs on CUDA only and this run is on "
                         f"{kind}; set device=cuda, or leave device.sync_bn=false")
     if kind == "cuda" and ranks.local_rank >= torch.cuda.device_count():

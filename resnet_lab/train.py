@@ -45,8 +45,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
     every batch under DDP, and only rank 0 writes and reports.
     """
-    validate(cfg)
     ranks = distributed.from_env()
+    validate(cfg, ranks.world_size)
     with distributed.process_group(ranks):
         if not ranks.is_main:
             log.setLevel(logging.ERROR)  # rank 0 speaks for all
@@ -81,7 +81,7 @@ def launch(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
         raise UserError(f"device.world_size={world_size}: this process is already rank {ranks.rank} of "
                         f"{ranks.world_size} (torchrun or SLURM set the ranks); leave device.world_size at 1")
     if world_size > 1:
-        validate(cfg)  # one message from here rather than one per rank
+        validate(cfg, world_size)  # one message from here rather than one per rank
         # cloudpickle: Hydra's state holds resolvers that are local functions.
         hydra_state = cloudpickle.dumps(Singleton.get_state())
         return distributed.spawn(world_size, spawned_rank, cfg, run_dir, hydra_state)
