@@ -221,7 +221,8 @@ def hydra_record_kept(run_dir: Path):
     runs, also for a command that then trains nothing (a finished run, a resume into another
     model, a value out of range): the record would name a command the run never trained with,
     and `compare` would show it. A job that leaves the status file untouched trained nothing,
-    so the record of the last command that did comes back."""
+    so the record of the last command that did comes back. Relies on: Hydra writes the record
+    before the job runs (tests/test_hydra_contract.py)."""
     status, kept = run_dir / STATUS_FILE, run_dir / FOLDER / KEPT_RECORD
     before = _stamp(status)
     try:

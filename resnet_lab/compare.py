@@ -203,6 +203,7 @@ class SweepSummary(Callback):
 
     # The sweep begun and not yet summarised. Hydra's basic sweeper raises a failed job's error
     # after the last job, skipping on_multirun_end: __main__ summarises it then.
+    # Relies on that skip of Hydra's basic sweeper (tests/test_hydra_contract.py).
     unfinished: Optional[Path] = None
 
     def on_multirun_start(self, config, **kwargs) -> None:

@@ -12,6 +12,7 @@ class HeldBack:
     it, for __main__ to show above a traceback or drop: the run's own command needs no repeating.
     In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it)."""
 
+    # Relies on: Hydra writes this line, alone, before re-raising a job's error (tests/test_hydra_contract.py).
     PREFIX = "Error executing job with overrides:"
     # Set by the Hydra task (resnet_lab.train.run): Hydra's mode is known only inside the job.
     single_run = False

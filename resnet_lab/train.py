@@ -82,7 +82,8 @@ def launch(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
                         f"{ranks.world_size} (torchrun or SLURM set the ranks); leave device.world_size at 1")
     if world_size > 1:
         validate(cfg, world_size)  # one message from here rather than one per rank
-        # cloudpickle: Hydra's state holds resolvers that are local functions.
+        # cloudpickle: Hydra's state holds resolvers that are local functions. Relies on: Hydra's
+        # Singleton state, set again in a fresh process, restores the job (tests/test_hydra_contract.py).
         hydra_state = cloudpickle.dumps(Singleton.get_state())
         return distributed.spawn(world_size, spawned_rank, cfg, run_dir, hydra_state)
     return train(cfg, run_dir)
