@@ -136,7 +136,7 @@ def resnet_lab(args, device, s):
     from resnet_lab.config import register_configs, validate
     from resnet_lab.distributed import Ranks
     from resnet_lab.engine import RunningTotals, train_epoch
-    from resnet_lab.train import build
+    from resnet_lab.trainer import build
 
     register_configs()
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):

@@ -36,6 +36,7 @@ def one_run_folder(argv, ranks):
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its errors over several lines; letting them propagate lets us print one.
+    # Relies on: under HYDRA_FULL_ERROR=1, hydra.main re-raises the task's error (tests/test_hydra_contract.py).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     from resnet_lab import distributed
     from resnet_lab.compare import SweepSummary
@@ -48,6 +49,7 @@ def main() -> None:
     try:
         with distributed.process_group(ranks), contextlib.redirect_stderr(stderr):
             if ranks.world_size > 1:
+                # Relies on: hydra.main reads its overrides from sys.argv (tests/test_hydra_contract.py).
                 sys.argv = one_run_folder(sys.argv, ranks)
             run()
     except KeyboardInterrupt:

@@ -24,10 +24,6 @@ FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
         "metrics", "rng", "config", "wandb_run_id")  # and "elapsed", which older ones lack
-# Choices whose saved state another choice cannot take over.
-MUST_MATCH = ("optim.name", "sched.name")
-# The trainer keys that set how many steps a run has, over which its schedule is laid.
-SCHEDULE_LENGTH = ("epochs", "batch_size", "limit_train_batches")
 SHOWN = 3  # differing keys named in a message
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.
@@ -80,20 +76,6 @@ def set_rng_states(states: Dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def to_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """The checkpoint that trainer.resume names for this run folder, or None to start afresh."""
-    last = run_dir / FOLDER / LAST
-    if resume == "auto":
-        return last if last.exists() else None
-    if resume == "none":
-        if last.exists():
-            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({FOLDER}/{LAST}) that "
-                            f"a fresh start would overwrite; set hydra.run.dir to another folder, or "
-                            f"continue it with trainer.resume=auto")
-        return None
-    return Path(resume).expanduser()
-
-
 def load(path: Path) -> Dict:
     if not path.is_file():
         raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a "
@@ -129,21 +111,6 @@ def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); it was saved "
                         f"by model={saved_cfg['model']['name']} dataset={saved_cfg['dataset']['name']}: "
                         f"resume with those, or start afresh with trainer.resume=none")
-
-
-def _flat(node, prefix: str = "") -> Dict:
-    if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
-def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]:
-    """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's; with
-    shared_only, among the keys both have (a checkpoint from before a key existed lacks it)."""
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved_cfg)
-    keys = now.keys() & then.keys() if shared_only else now.keys() | then.keys()
-    return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(keys)
-            if k != "trainer.resume" and now.get(k) != then.get(k)]
 
 
 def keep_epochs(metrics_file: Path, done: int) -> None:
@@ -207,23 +174,9 @@ class Checkpointer:
             self.record_kept = True
 
     def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
-        saved_cfg = state["config"]
-        for key in MUST_MATCH:
-            group, name = key.split(".")
-            then, now = saved_cfg[group][name], self.cfg[group][name]
-            if then != now:
-                raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
-                                f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
-                                f"or start afresh with trainer.resume=none")
-        sched = self.cfg.sched.name
-        stretched = [f"trainer.{k}={self.cfg.trainer[k]} (checkpoint: {saved_cfg['trainer'][k]})"
-                     for k in SCHEDULE_LENGTH if self.cfg.trainer[k] != saved_cfg["trainer"][k]]
-        if stretched and sched != "none":
-            # The restored schedule keeps its old length: cosine would rise again, onecycle fail.
-            raise UserError(f"{'; '.join(stretched)}: checkpoint {path} was saved by a run whose sched={sched} "
-                            f"spans its steps; resume with the checkpoint's values (only a sched=none run can "
-                            f"change its length)")
-        _check_fits(self.model, state["model"], path, saved_cfg)
+        """Load a checkpoint's states into the parts (resume.plan has checked that its settings
+        carry over; here, that its weights fit the model)."""
+        _check_fits(self.model, state["model"], path, state["config"])
         self.model.load_state_dict(state["model"])
         # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
         # under a grad scaler differs from an unfused one, and a state's step counters follow it.
@@ -268,7 +221,8 @@ def hydra_record_kept(run_dir: Path):
     runs, also for a command that then trains nothing (a finished run, a resume into another
     model, a value out of range): the record would name a command the run never trained with,
     and `compare` would show it. A job that leaves the status file untouched trained nothing,
-    so the record of the last command that did comes back."""
+    so the record of the last command that did comes back. Relies on: Hydra writes the record
+    before the job runs (tests/test_hydra_contract.py)."""
     status, kept = run_dir / STATUS_FILE, run_dir / FOLDER / KEPT_RECORD
     before = _stamp(status)
     try:

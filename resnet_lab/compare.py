@@ -21,7 +21,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import MetricsFile, meaningful, override_key, read_status
+from resnet_lab.resume import meaningful, override_key
+from resnet_lab.tracking import MetricsFile, read_status
 
 COLUMNS = ("best_test_acc", "final_test_acc", "final_train_loss", "epochs", "seconds",
            "images_per_s", "status")
@@ -202,6 +203,7 @@ class SweepSummary(Callback):
 
     # The sweep begun and not yet summarised. Hydra's basic sweeper raises a failed job's error
     # after the last job, skipping on_multirun_end: __main__ summarises it then.
+    # Relies on that skip of Hydra's basic sweeper (tests/test_hydra_contract.py).
     unfinished: Optional[Path] = None
 
     def on_multirun_start(self, config, **kwargs) -> None:

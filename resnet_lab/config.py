@@ -1,50 +1,65 @@
 """Typed schemas of the composed config, registered in Hydra's ConfigStore, and their checks.
 
 OmegaConf checks types and key names while Hydra composes; `validate` checks what types cannot
-say (ranges, choices, cross-field rules) before anything is built.
+say (ranges, choices, cross-field rules) before anything is read or built.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
+from resnet_lab.models import MODELS, Architecture, architecture, check as check_architecture
 
 
 @dataclass
-class ModelConfig:
-    # Architecture knobs left at None take the named variant's own value; README.md's Models
-    # section says what each means, resnet_lab/models/__init__.py checks their values.
+class ModelConfig(Architecture):
+    # Each option of the model group is a variant's architecture (models/resnet.py), stored by
+    # register_configs; a model.* override changes one knob of it.
     name: str = MISSING
-    width: Optional[int] = None
-    widen: Optional[int] = None
-    layers: Optional[List[int]] = None
-    block: Optional[str] = None
-    stem: Optional[str] = None
-    shortcut: Optional[str] = None
-    groups: Optional[int] = None
-    width_per_group: Optional[int] = None
-    dropout: Optional[float] = None
-    zero_init_residual: Optional[bool] = None
 
 
 @dataclass
 class DatasetConfig:
+    """What every kind of dataset has; each kind's schema adds its own keys (conf/dataset/*.yaml
+    name theirs in their defaults list)."""
+
     name: str = MISSING
+    augment: str = "none"
+
+
+@dataclass
+class TorchvisionDatasetConfig(DatasetConfig):
+    """fashion_mnist, mnist, kmnist (IDX files), cifar10, cifar100 (pickles): torchvision's files."""
+
     root: str = "data"
     download: bool = True
-    augment: str = "none"
-    # synthetic: the shape and size of the random data.
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    """Random images and labels: their shape and number."""
+
     channels: int = 3
     image_size: int = 32
     num_classes: int = 10
     train_size: int = 512
     test_size: int = 128
-    # image_folder: optional square resize, and loader workers.
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    """Your own images under root; an optional square resize, and loader workers."""
+
+    root: str = MISSING
     resize: Optional[int] = None
     num_workers: int = 2
+
+
+DATASET_KINDS = {"torchvision": TorchvisionDatasetConfig, "synthetic": SyntheticDatasetConfig,
+                 "image_folder": ImageFolderConfig}
 
 
 @dataclass
@@ -128,8 +143,18 @@ class Config:
     seed: int = 0
 
 
+def model_config(name: str) -> ModelConfig:
+    """The model group's option `name`: the variant's architecture."""
+    return ModelConfig(name=name, **asdict(MODELS.get(name).architecture))
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for kind, schema in DATASET_KINDS.items():
+        store.store(group="schema/dataset", name=kind, node=schema)
+    for name in MODELS.names():
+        store.store(group="model", name=name, node=model_config(name))
 
 
 CHOICES = {
@@ -156,7 +181,6 @@ BOUNDS = {
     "trainer.limit_train_batches": (0, True),
     "trainer.limit_eval_batches": (0, True),
     "trainer.checkpoint_every_steps": (0, True),
-    "model.width": (1, True),
     "dataset.channels": (1, True),
     "dataset.image_size": (1, True),
     "dataset.num_classes": (2, True),
@@ -167,27 +191,30 @@ BOUNDS = {
 }
 
 
-def _get(cfg: Any, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def validate(cfg: Any) -> None:
-    """Raise UserError naming the key, the bad value and what is allowed."""
+def _check_table(cfg: Any) -> None:
+    """CHOICES and BOUNDS, for the keys this config has (each kind of dataset has its own)."""
     for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
+        value = OmegaConf.select(cfg, key)
         if value not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise UserError(f"{key}={value}: must be one of {shown}{closest(value, allowed)}")
     for key, (low, inclusive) in BOUNDS.items():
-        value = _get(cfg, key)
+        value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         if value < low or (value == low and not inclusive):
             rule = f">= {low}" if inclusive else f"> {low}"
             raise UserError(f"{key}={value}: must be {rule}")
+
+
+def validate(cfg: Any, world_size: int = 1) -> None:
+    """Every check of the config's values, before any data is read: a UserError naming the key,
+    the bad value and what is allowed. Types and key names are OmegaConf's (while Hydra
+    composes); the model's knobs are checked by models.check; what depends on the machine
+    (device.resolve) or on the data (build_data: the batch against the dataset's size) where
+    those are known. `world_size`: the ranks this run trains on."""
+    _check_table(cfg)
+    check_architecture(architecture(cfg.model))
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
@@ -197,3 +224,7 @@ def validate(cfg: Any) -> None:
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
+    if cfg.trainer.batch_size % world_size:
+        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: the global batch must divide by the "
+                        f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "
+                        f"use a multiple of {world_size}")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resnet_lab.distributed import Ranks
 from resnet_lab.errors import UserError
 
 # Defaults for settings left null, per device, chosen from measurements (README, "Speed").
@@ -72,7 +73,9 @@ def _available(kind: str) -> bool:
     return kind == "cpu"
 
 
-def resolve(cfg) -> Runtime:
+def resolve(cfg, ranks: Ranks = Ranks()) -> Runtime:
+    """Where and how this rank runs; a UserError for a device, precision or rank setting this
+    machine cannot give."""
     kind = cfg.type
     if kind == "auto":
         kind = next(k for k in ("cuda", "mps", "cpu") if _available(k))
@@ -85,5 +88,11 @@ def resolve(cfg) -> Runtime:
         raise UserError("device.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if cfg.get("sync_bn") and kind != "cuda":
+        raise UserError(f"device.sync_bn=true: torch's SyncBatchNorm runs on CUDA only and this run is on "
+                        f"{kind}; set device=cuda, or leave device.sync_bn=false")
+    if kind == "cuda" and ranks.local_rank >= torch.cuda.device_count():
+        raise UserError(f"{ranks.world_size} ranks: local rank {ranks.local_rank} has no GPU of its own, this "
+                        f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
     channels_last = chosen["channels_last"] if cfg.channels_last is None else cfg.channels_last
     return Runtime(torch.device(kind), precision, channels_last, cfg.compile, cfg.compile_mode)

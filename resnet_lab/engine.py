@@ -1,11 +1,11 @@
 """The hot loop: one training epoch and one evaluation pass.
 
 Loss and accuracy accumulate on the device; the host waits for the device only where a number
-is needed (the `on_step` callback decides when, and the end of the epoch). With several ranks each
+is needed (a callback decides when, and the end of the epoch). With several ranks each
 accumulates its own share, summed over the ranks where the numbers are read.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,27 @@ from resnet_lab import distributed
 from resnet_lab.data import Loader
 from resnet_lab.device import Runtime
 
-StepHook = Callable[[int, torch.Tensor], None]
+
+
+class Callback:
+    """Where a per-step feature plugs into the loop (gradient clipping, an EMA of the weights,
+    the trainer's checkpoint and stop policy). Each training step runs, in this order:
+
+    1. forward pass and loss (under autocast);
+    2. backward pass (the loss scaled for fp16);
+    3. `before_optimizer_step` of each callback, in list order: the gradients are complete and
+       still scaled (call `scaler.unscale_(optimizer)` before reading or clipping them);
+    4. optimizer step, grad-scaler update, scheduler step;
+    5. `after_step` of each callback, in list order: the weights are the step's new ones and
+       `loss` is the step's (on the device: reading it waits for the device).
+    """
+
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer,
+                              scaler: torch.amp.GradScaler) -> None:
+        pass
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        pass
 
 
 class RunningTotals:
@@ -73,8 +93,9 @@ class RunningTotals:
 
 def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, runtime: Runtime, epoch: int,
-                totals: RunningTotals, start: int = 0, on_step: Optional[StepHook] = None) -> None:
-    """Train over the epoch's batches from index `start`, adding to `totals`."""
+                totals: RunningTotals, start: int = 0, callbacks: Sequence[Callback] = ()) -> None:
+    """Train over the epoch's batches from index `start`, adding to `totals`; `callbacks` run
+    inside each step as `Callback` says."""
     model.train()
     for step, (x, y) in enumerate(loader.batches(epoch, start), start):
         with runtime.autocast():
@@ -85,13 +106,15 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
         share = len(y) * loader.world_size / loader.global_size(step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss * share).backward()
+        for callback in callbacks:
+            callback.before_optimizer_step(step, optimizer, scaler)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         loss = loss.detach()
         totals.add(step, loss, logits, y)
-        if on_step is not None:
-            on_step(step, loss)
+        for callback in callbacks:
+            callback.after_step(step, loss)
 
 
 def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[str, float]:

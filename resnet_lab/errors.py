@@ -12,6 +12,7 @@ class HeldBack:
     it, for __main__ to show above a traceback or drop: the run's own command needs no repeating.
     In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it)."""
 
+    # Relies on: Hydra writes this line, alone, before re-raising a job's error (tests/test_hydra_contract.py).
     PREFIX = "Error executing job with overrides:"
     # Set by the Hydra task (resnet_lab.train.run): Hydra's mode is known only inside the job.
     single_run = False
@@ -39,19 +40,13 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
-def _schema_keys(full_key: str):
-    """The keys allowed beside full_key's last part, from the schema dataclasses."""
+def _schema_keys(error) -> list:
+    """The keys of the schema (a dataclass of resnet_lab.config) in which OmegaConf looked the
+    unknown key up: OmegaConf's errors name it as object_type."""
     import dataclasses
 
-    from resnet_lab.config import Config
-
-    node = Config
-    for part in full_key.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            return []
-        node = fields[part].type
-    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+    schema = getattr(error, "object_type", None)
+    return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
 
 
 def describe(e: BaseException):
@@ -70,7 +65,7 @@ def describe(e: BaseException):
     cause = e.__cause__
     if isinstance(e, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         key = cause.full_key
-        allowed = _schema_keys(key)
+        allowed = _schema_keys(cause)
         name = key.rpartition(".")[2]
         where = key.rpartition(".")[0] or "the top level"
         return (f"{key}: no such key{closest(name, allowed)}; {where} has: {', '.join(allowed)}")

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,10 +22,6 @@ METRICS_FILE = "metrics.jsonl"
 # writing last.pt). A run killed outright stays
 # "running", which is how `compare` tells an interrupted run from a finished one.
 STATUS_FILE = "status"
-# Overrides that say where a run reads or how it logs or is swept, not what it trains: left out
-# of W&B run names and of `compare`'s columns.
-NOISE_KEYS = ("hydra", "logger", "hparams_search", "trainer.progress", "dataset.root",
-              "dataset.download", "dataset.num_workers")
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -83,37 +79,6 @@ def write_status(run_dir: Path, status: str) -> None:
     (Path(run_dir) / STATUS_FILE).write_text(status + "\n")
 
 
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def meaningful(overrides: Sequence[str], also: Sequence[str] = ()) -> List[str]:
-    """The overrides that change what a run trains, in their order (a later one wins); `also`:
-    more keys (or groups of keys) to leave out beside NOISE_KEYS."""
-    keep = []
-    for override in overrides:
-        key = override_key(override)
-        if not any(key == noise or key.startswith(noise + ".") for noise in (*NOISE_KEYS, *also)):
-            keep.append(override)
-    return keep
-
-
-def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
-    """(W&B group, W&B name): the sweep folder and the job's overrides, when Hydra runs this job."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    run_dir = Path(run_dir).resolve()
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        # Only Hydra's current job may take its identity: train() can be called with any folder.
-        if Path(hydra.runtime.output_dir).resolve() == run_dir:
-            group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
-            # Sorted, as in Hydra's override_dirname.
-            return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
-    return None, run_dir.name
-
-
 _announced_mode = False
 
 
@@ -144,8 +109,11 @@ class Tracker:
     0 it writes nothing; they only learn whether rank 0 could open it, and stop with its error if not.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0):
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0,
+                 identity: Optional[Tuple[Optional[str], str]] = None):
+        """identity: the W&B run's (group, name); default: no group, the run folder's name."""
         self.run_dir = Path(run_dir)
+        self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
         self.log_every = cfg.logger.log_every_steps
         self.log_weights = cfg.logger.log_weights
@@ -168,7 +136,7 @@ class Tracker:
             return None
         import wandb
 
-        group, name = job_identity(self.run_dir)
+        group, name = self.identity
         try:
             run = wandb.init(dir=self.run_dir, mode=mode, project=cfg.logger.project,
                              entity=cfg.logger.entity, tags=list(cfg.logger.tags), group=group, name=name,

@@ -15,6 +15,15 @@ import torch
 from resnet_lab import checkpoint
 
 
+def for_kind(overrides) -> list:
+    """Overrides less the dataset keys a synthetic or image_folder dataset's schema lacks
+    (dataset.download; synthetic: dataset.root too): one tiny-run set serves every kind."""
+    absent = {"dataset=synthetic": ("dataset.download=", "dataset.root="),
+              "dataset=image_folder": ("dataset.download=",)}
+    drop = tuple(prefix for kind, prefixes in absent.items() if kind in overrides for prefix in prefixes)
+    return [o for o in overrides if not (drop and o.startswith(drop))]
+
+
 def metrics(run_dir: Path) -> list:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -30,7 +39,7 @@ def fresh_env():
 
 def start(args, run_dir: Path, **popen) -> subprocess.Popen:
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
+    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *for_kind(args), f"hydra.run.dir={run_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
                             env=fresh_env(), **popen)
 

@@ -24,7 +24,7 @@ from resnet_lab.data.sources import _image_sizes, read_image
 from resnet_lab.errors import UserError
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
-from tests.runs import contents, fresh_env
+from tests.runs import contents, for_kind, fresh_env
 from tests.test_cli import run_cli
 from tests.test_train import tiny_cfg
 
@@ -276,7 +276,7 @@ def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_p
             "trainer.epochs=2", f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"]
     if workers:
         # In its own process: the workers must not keep it from exiting.
-        done = subprocess.run([sys.executable, "-m", "resnet_lab", *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "resnet_lab", *for_kind(args)], capture_output=True, text=True,
                               cwd=tmp_path, env=fresh_env(), timeout=120)
         code, err = done.returncode, done.stderr
     else:

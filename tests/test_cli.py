@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from resnet_lab.__main__ import main
+from tests.runs import for_kind
 
 TINY = ["model.width=8", "trainer.epochs=1", "trainer.batch_size=32", "trainer.eval_batch_size=64",
         "dataset.download=false", "device=cpu"]
@@ -47,7 +48,7 @@ def test_help_lists_groups_and_options(tmp_path):
 
 def run_cli(args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["resnet_lab", *args])
+    monkeypatch.setattr(sys, "argv", ["resnet_lab", *for_kind(args)])
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
     with pytest.raises(SystemExit) as exited:
         main()

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
 from resnet_lab.__main__ import one_run_folder
+from resnet_lab.config import validate
 from resnet_lab.data import build_data
 from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
@@ -61,7 +62,7 @@ def test_ranks_split_each_global_batch_augmentation_included():
     four = shards(4, *sizes)
     assert [len(train) for train, _ in four] == [3] * 4 and len(one_train) == 4
     with pytest.raises(UserError, match=r"trainer.batch_size=32: .*world size 3.*multiple of 3"):
-        shards(3)
+        validate(tiny_cfg(), world_size=3)
 
 
 def bn_free_fit(cfg) -> dict:

@@ -4,25 +4,27 @@ by torchvision's own weights giving the same logits, and by the d2l network buil
 Big networks are built on the meta device (no memory, no init) wherever only shapes matter.
 """
 
+import dataclasses
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch import nn
 
-from resnet_lab.config import ModelConfig
+from resnet_lab.config import model_config
 from resnet_lab.errors import UserError
 from resnet_lab.models import MODELS, build_model
 from resnet_lab.models.__main__ import main as list_models, measure
 from resnet_lab.models.resnet import PadShortcut
 from resnet_lab.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # torchvision's parameter counts, 3 input channels, 1000 classes.
 IMAGENET = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -47,11 +49,23 @@ def on_meta(name: str, **kw) -> nn.Module:
         return MODELS.get(name)(**kw)
 
 
-def test_every_variant_has_a_config_and_every_config_a_variant():
-    assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == MODELS.names()
-    for path in (CONF / "model").glob("*.yaml"):
-        assert path.read_text() == f"name: {path.stem}\n"
+def test_every_variant_is_an_option_of_the_model_group_showing_its_architecture():
     assert len(MODELS.names()) == 24
+    for name in MODELS.names():
+        with initialize_config_module("resnet_lab.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[f"model={name}"])
+        architecture = MODELS.get(name).architecture
+        assert OmegaConf.to_container(cfg.model) == {"name": name, **dataclasses.asdict(architecture)}
+        # What the config shows is what is built.
+        assert on_meta(name).arch == architecture
+
+
+def test_cfg_job_shows_the_architecture_and_only_the_dataset_kinds_keys(tmp_path):
+    job = subprocess.run([sys.executable, "-m", "resnet_lab", "model=resnet18", "--cfg", "job"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True).stdout
+    cfg = yaml.safe_load(job)
+    assert (cfg["model"]["stem"], cfg["model"]["width"], cfg["model"]["layers"]) == ("imagenet", 64, [2, 2, 2, 2])
+    assert set(cfg["dataset"]) == {"name", "augment", "root", "download"}
 
 
 @pytest.mark.parametrize("name, params", IMAGENET.items())
@@ -242,7 +256,7 @@ def test_resnet18_d2l_is_the_d2l_network_bit_for_bit():
 
 
 def model_cfg(name, **knobs):
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": name, **knobs})
+    return OmegaConf.merge(OmegaConf.structured(model_config(name)), knobs)
 
 
 def test_knobs_reach_the_network():

@@ -11,7 +11,7 @@ def test_non_editable_install_runs_from_elsewhere(tmp_path, fmnist_root):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
-    assert (target / "resnet_lab" / "conf" / "model" / "resnet18.yaml").exists()
+    assert (target / "resnet_lab" / "conf" / "dataset" / "fashion_mnist.yaml").exists()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -24,7 +24,7 @@ from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.train import train
-from tests.runs import contents, freeze_at, fresh_env, stop_at, start
+from tests.runs import contents, for_kind, freeze_at, fresh_env, stop_at, start
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_cfg(*overrides):
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+        return compose("config", overrides=for_kind([*TINY, *overrides]))
 
 
 def epochs(run_dir: Path):

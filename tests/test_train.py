@@ -10,14 +10,15 @@ from hydra import compose, initialize_config_module
 
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
 from resnet_lab.train import train
+from tests.runs import for_kind
 
 
 def tiny_cfg(root, *extra):
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        return compose("config", overrides=[
+        return compose("config", overrides=for_kind([
             f"dataset.root={root}", "dataset.download=false", "device=cpu", "model.width=8",
             "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.progress=false",
-            *extra])
+            *extra]))
 
 
 def test_same_seed_same_metrics(fmnist_root, tmp_path):

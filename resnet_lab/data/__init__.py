@@ -23,11 +23,8 @@ class Data:
 def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
                rank: int = 0, world_size: int = 1) -> Data:
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
-    giving this rank its part of every batch."""
-    if trainer.batch_size % world_size:
-        raise UserError(f"trainer.batch_size={trainer.batch_size}: the global batch must divide by the "
-                        f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "
-                        f"use a multiple of {world_size}")
+    giving this rank its part of every batch (config.validate has checked that the batch
+    divides among the ranks)."""
     train, test, num_classes = DATASETS.get(cfg.name)(cfg)
     if isinstance(train, TensorSplit):
         stats_images = train.images

@@ -5,18 +5,40 @@ are registered in its order, so its state dicts load unchanged and one seed give
 initial weights.
 """
 
-from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_lab.errors import UserError
+from resnet_lab.errors import UserError, closest
 from resnet_lab.models.registry import MODELS
 
 STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B", "C")
+INITS = ("kaiming", "pytorch")
+
+
+@dataclass
+class Architecture:
+    """The knobs of a ResNet, declared once: every named variant is one set of them, and the
+    config's model.* keys are these (README.md's Models section says what each means). The
+    defaults are ResNet-18's."""
+
+    layers: List[int] = field(default_factory=lambda: [2, 2, 2, 2])  # blocks per stage
+    block: str = "basic"  # a key of BLOCKS
+    width: int = 64  # the stem's channels; stage i has width * widen * 2**i planes
+    widen: int = 1
+    stem: str = "imagenet"  # 7x7/2 conv and 3x3/2 max-pool; cifar: one 3x3/1 conv
+    shortcut: str = "B"  # He et al. 2015's options A, B, C
+    groups: int = 1  # ResNeXt's cardinality (bottleneck blocks)
+    width_per_group: int = 64
+    dropout: float = 0.0  # between a block's convs (WRN)
+    zero_init_residual: bool = False  # each residual branch's last BN (or conv) starts at zero
+    bias: bool = False  # conv biases (the d2l network)
+    projection_norm: bool = True  # BN after a post-activation block's 1x1 projection
+    weight_init: str = "kaiming"  # torchvision's He-normal fan-out convs; pytorch: each layer's own default
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -72,12 +94,6 @@ def bottleneck_width(planes: int, opts: BlockOptions) -> int:
     return max(1, int(planes * opts.width_per_group / 64)) * opts.groups
 
 
-def check_no_groups(opts: BlockOptions) -> None:
-    if opts.groups != 1 or opts.width_per_group != 64:
-        raise UserError(f"model.groups={opts.groups}, model.width_per_group={opts.width_per_group}: "
-                        "basic blocks take only 1 and 64; grouped convs need a bottleneck block")
-
-
 class BasicBlock(nn.Module):
     """Two 3x3 convs; BN after each, ReLU after the first and after the sum (He et al. 2015)."""
 
@@ -85,7 +101,6 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
-        check_no_groups(opts)
         self.conv1 = conv3x3(cin, planes, stride, bias=opts.bias)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -143,7 +158,6 @@ class PreActBlock(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
-        check_no_groups(opts)
         self.bn1 = nn.BatchNorm2d(cin) if opts.preactivate else None
         self.relu = nn.ReLU(inplace=True)
         self.conv1 = conv3x3(cin, planes, stride, bias=opts.bias)
@@ -207,32 +221,31 @@ class ResNet(nn.Module):
     networks take their first block's BN-ReLU from the stem and end in BN-ReLU before the pool,
     as fb.resnet.torch's preresnet does.
 
-    The arguments are the config's model knobs, plus three that only named variants set: conv
-    biases (bias), BN on post-activation projections (projection_norm), and init ("kaiming":
-    torchvision's He-normal fan-out convs; "pytorch": each layer's own default).
+    `arch` holds the knobs (Architecture); the dataset gives in_channels and num_classes.
     """
 
-    def __init__(self, layers: Sequence[int], block: str = "basic", width: int = 64, widen: int = 1,
-                 stem: str = "imagenet", shortcut: str = "B", groups: int = 1, width_per_group: int = 64,
-                 dropout: float = 0.0, zero_init_residual: bool = False, in_channels: int = 3,
-                 num_classes: int = 1000, bias: bool = False, projection_norm: bool = True,
-                 init: str = "kaiming"):
+    def __init__(self, arch: Optional[Architecture] = None, in_channels: int = 3, num_classes: int = 1000):
         super().__init__()
-        block_cls = BLOCKS[block]
-        opts = BlockOptions(shortcut, groups, width_per_group, dropout, bias, projection_norm)
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, padding=3, bias=bias)
+        arch = arch or Architecture()
+        check(arch)
+        self.arch = arch
+        width = arch.width
+        block_cls = BLOCKS[arch.block]
+        opts = BlockOptions(arch.shortcut, arch.groups, arch.width_per_group, arch.dropout, arch.bias,
+                            arch.projection_norm)
+        if arch.stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, padding=3, bias=arch.bias)
             self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         else:
-            self.conv1 = conv3x3(in_channels, width, bias=bias)
+            self.conv1 = conv3x3(in_channels, width, bias=arch.bias)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
 
         cin = width
-        self.stages = [f"layer{i + 1}" for i in range(len(layers))]
-        for i, (name, depth) in enumerate(zip(self.stages, layers)):
-            planes = width * widen * 2**i
+        self.stages = [f"layer{i + 1}" for i in range(len(arch.layers))]
+        for i, (name, depth) in enumerate(zip(self.stages, arch.layers)):
+            planes = width * arch.widen * 2**i
             blocks = []
             for j in range(depth):
                 # The stem's BN-ReLU pre-activates the first block.
@@ -245,14 +258,14 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
-        if init == "kaiming":
+        if arch.weight_init == "kaiming":
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 elif isinstance(m, nn.BatchNorm2d):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
-        if zero_init_residual:
+        if arch.zero_init_residual:
             # Each residual branch starts as zero, so every block starts as (nearly) the identity.
             for m in self.modules():
                 if isinstance(m, tuple(BLOCKS.values())):
@@ -265,163 +278,79 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.final_act(x)), 1))
 
 
+def check(arch: Architecture) -> None:
+    """What the knobs' types cannot say, as one line naming the config key."""
+    choices = {"block": tuple(BLOCKS), "stem": STEMS, "shortcut": SHORTCUTS, "weight_init": INITS}
+    for key, allowed in choices.items():
+        value = getattr(arch, key)
+        if value not in allowed:
+            raise UserError(f"model.{key}={value}: must be one of {', '.join(allowed)}{closest(value, allowed)}")
+    for key in ("width", "widen", "groups", "width_per_group"):
+        if getattr(arch, key) < 1:
+            raise UserError(f"model.{key}={getattr(arch, key)}: must be >= 1")
+    if not arch.layers or min(arch.layers) < 1:
+        raise UserError(f"model.layers={list(arch.layers)}: must list at least one stage, each of >= 1 blocks")
+    if not 0 <= arch.dropout < 1:
+        raise UserError(f"model.dropout={arch.dropout}: must be in [0, 1)")
+    if BLOCKS[arch.block].expansion == 1 and (arch.groups != 1 or arch.width_per_group != 64):
+        raise UserError(f"model.groups={arch.groups}, model.width_per_group={arch.width_per_group}: "
+                        "basic blocks take only 1 and 64; grouped convs need a bottleneck block")
+
+
+def variant(name: str, paper: str, **knobs) -> None:
+    """Register `name(in_channels=3, num_classes=1000, **changes)`: the ResNet of these knobs (the
+    rest at Architecture's defaults), any knob in `changes` replacing the variant's own. Its
+    `architecture` is what the config's model group shows for it."""
+    architecture = Architecture(**knobs)
+
+    def build(in_channels: int = 3, num_classes: int = 1000, **changes) -> ResNet:
+        return ResNet(replace(architecture, **changes), in_channels, num_classes)
+
+    build.__doc__, build.architecture = paper, architecture
+    MODELS.register(name)(build)
+
+
 # ImageNet layout (He et al. 2015; torchvision): 4 stages of 64-128-256-512 planes, projections
-# where the shape changes.
-
-@MODELS.register()
-def resnet18(**kw) -> ResNet:
-    """ResNet-18, He et al. 2015"""
-    return ResNet(**{"layers": [2, 2, 2, 2], **kw})
-
-
-@MODELS.register()
-def resnet34(**kw) -> ResNet:
-    """ResNet-34, He et al. 2015"""
-    return ResNet(**{"layers": [3, 4, 6, 3], **kw})
-
-
-@MODELS.register()
-def resnet50(**kw) -> ResNet:
-    """ResNet-50, He et al. 2015 (v1.5: stride on the 3x3)"""
-    return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", **kw})
-
-
-@MODELS.register()
-def resnet101(**kw) -> ResNet:
-    """ResNet-101, He et al. 2015 (v1.5)"""
-    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", **kw})
-
-
-@MODELS.register()
-def resnet152(**kw) -> ResNet:
-    """ResNet-152, He et al. 2015 (v1.5)"""
-    return ResNet(**{"layers": [3, 8, 36, 3], "block": "bottleneck", **kw})
-
-
-@MODELS.register()
-def resnext50_32x4d(**kw) -> ResNet:
-    """ResNeXt-50 32x4d, Xie et al. 2017"""
-    return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", "groups": 32, "width_per_group": 4, **kw})
-
-
-@MODELS.register()
-def resnext101_32x8d(**kw) -> ResNet:
-    """ResNeXt-101 32x8d, Xie et al. 2017"""
-    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "groups": 32, "width_per_group": 8, **kw})
-
-
-@MODELS.register()
-def resnext101_64x4d(**kw) -> ResNet:
-    """ResNeXt-101 64x4d, Xie et al. 2017"""
-    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "groups": 64, "width_per_group": 4, **kw})
-
-
-@MODELS.register()
-def wide_resnet50_2(**kw) -> ResNet:
-    """Wide ResNet-50-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck 3x3)"""
-    return ResNet(**{"layers": [3, 4, 6, 3], "block": "bottleneck", "width_per_group": 128, **kw})
-
-
-@MODELS.register()
-def wide_resnet101_2(**kw) -> ResNet:
-    """Wide ResNet-101-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck 3x3)"""
-    return ResNet(**{"layers": [3, 4, 23, 3], "block": "bottleneck", "width_per_group": 128, **kw})
-
-
-@MODELS.register()
-def resnet18_d2l(**kw) -> ResNet:
-    """ResNet-18 as d2l.ai builds it, the starting-point script's network
-
-    Conv biases, 1x1 projections without BN, PyTorch's default initialisation.
-    """
-    return ResNet(**{"layers": [2, 2, 2, 2], "bias": True, "projection_norm": False, "init": "pytorch", **kw})
-
+# where the shape changes; the bottleneck nets are v1.5 (stride on the 3x3), as torchvision's.
+variant("resnet18", "ResNet-18, He et al. 2015", layers=[2, 2, 2, 2])
+variant("resnet34", "ResNet-34, He et al. 2015", layers=[3, 4, 6, 3])
+variant("resnet50", "ResNet-50, He et al. 2015 (v1.5: stride on the 3x3)", layers=[3, 4, 6, 3], block="bottleneck")
+variant("resnet101", "ResNet-101, He et al. 2015 (v1.5)", layers=[3, 4, 23, 3], block="bottleneck")
+variant("resnet152", "ResNet-152, He et al. 2015 (v1.5)", layers=[3, 8, 36, 3], block="bottleneck")
+variant("resnext50_32x4d", "ResNeXt-50 32x4d, Xie et al. 2017", layers=[3, 4, 6, 3], block="bottleneck",
+        groups=32, width_per_group=4)
+variant("resnext101_32x8d", "ResNeXt-101 32x8d, Xie et al. 2017", layers=[3, 4, 23, 3], block="bottleneck",
+        groups=32, width_per_group=8)
+variant("resnext101_64x4d", "ResNeXt-101 64x4d, Xie et al. 2017", layers=[3, 4, 23, 3], block="bottleneck",
+        groups=64, width_per_group=4)
+variant("wide_resnet50_2", "Wide ResNet-50-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck 3x3)",
+        layers=[3, 4, 6, 3], block="bottleneck", width_per_group=128)
+variant("wide_resnet101_2", "Wide ResNet-101-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck "
+        "3x3)", layers=[3, 4, 23, 3], block="bottleneck", width_per_group=128)
+# The d2l.ai network: conv biases, 1x1 projections without BN, PyTorch's default initialisation.
+variant("resnet18_d2l", "ResNet-18 as d2l.ai builds it, the starting-point script's network",
+        layers=[2, 2, 2, 2], bias=True, projection_norm=False, weight_init="pytorch")
 
 # CIFAR layout (He et al. 2015, section 4.2): a 3x3 stem, 3 stages of 16-32-64 planes,
 # 6n+2 layers, parameter-free option-A shortcuts.
 CIFAR = {"width": 16, "stem": "cifar", "shortcut": "A"}
-
-
-@MODELS.register()
-def resnet20(**kw) -> ResNet:
-    """ResNet-20 (n=3), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [3, 3, 3], **kw})
-
-
-@MODELS.register()
-def resnet32(**kw) -> ResNet:
-    """ResNet-32 (n=5), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [5, 5, 5], **kw})
-
-
-@MODELS.register()
-def resnet44(**kw) -> ResNet:
-    """ResNet-44 (n=7), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [7, 7, 7], **kw})
-
-
-@MODELS.register()
-def resnet56(**kw) -> ResNet:
-    """ResNet-56 (n=9), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [9, 9, 9], **kw})
-
-
-@MODELS.register()
-def resnet110(**kw) -> ResNet:
-    """ResNet-110 (n=18), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [18, 18, 18], **kw})
-
-
-@MODELS.register()
-def resnet1202(**kw) -> ResNet:
-    """ResNet-1202 (n=200), He et al. 2015, section 4.2"""
-    return ResNet(**{**CIFAR, "layers": [200, 200, 200], **kw})
-
+for _n in (3, 5, 7, 9, 18, 200):
+    variant(f"resnet{6 * _n + 2}", f"ResNet-{6 * _n + 2} (n={_n}), He et al. 2015, section 4.2",
+            layers=[_n] * 3, **CIFAR)
 
 # Pre-activation (He et al. 2016, "Identity Mappings in Deep Residual Networks").
-
-@MODELS.register()
-def preact_resnet18(**kw) -> ResNet:
-    """Pre-activation ResNet-18, He et al. 2016 (ImageNet layout)"""
-    return ResNet(**{"layers": [2, 2, 2, 2], "block": "preact", **kw})
-
-
-@MODELS.register()
-def preact_resnet34(**kw) -> ResNet:
-    """Pre-activation ResNet-34, He et al. 2016 (ImageNet layout)"""
-    return ResNet(**{"layers": [3, 4, 6, 3], "block": "preact", **kw})
-
-
-@MODELS.register()
-def preact_resnet110(**kw) -> ResNet:
-    """Pre-activation ResNet-110, He et al. 2016 (CIFAR layout, option A)"""
-    return ResNet(**{**CIFAR, "layers": [18, 18, 18], "block": "preact", **kw})
-
-
-@MODELS.register()
-def preact_resnet164(**kw) -> ResNet:
-    """Pre-activation ResNet-164, He et al. 2016 (CIFAR layout, bottleneck, projections)"""
-    return ResNet(**{**CIFAR, "layers": [18, 18, 18], "block": "preact_bottleneck", "shortcut": "B", **kw})
-
+variant("preact_resnet18", "Pre-activation ResNet-18, He et al. 2016 (ImageNet layout)",
+        layers=[2, 2, 2, 2], block="preact")
+variant("preact_resnet34", "Pre-activation ResNet-34, He et al. 2016 (ImageNet layout)",
+        layers=[3, 4, 6, 3], block="preact")
+variant("preact_resnet110", "Pre-activation ResNet-110, He et al. 2016 (CIFAR layout, option A)",
+        layers=[18, 18, 18], block="preact", **CIFAR)
+variant("preact_resnet164", "Pre-activation ResNet-164, He et al. 2016 (CIFAR layout, bottleneck, projections)",
+        layers=[18, 18, 18], block="preact_bottleneck", **{**CIFAR, "shortcut": "B"})
 
 # Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k is the CIFAR layout with pre-activation
 # blocks, (d-4)/6 per stage, k times wider stages, and dropout between the convs as a knob.
 WRN = {"width": 16, "stem": "cifar", "block": "preact"}
-
-
-@MODELS.register()
-def wrn_16_8(**kw) -> ResNet:
-    """WRN-16-8, Zagoruyko & Komodakis 2016"""
-    return ResNet(**{**WRN, "layers": [2, 2, 2], "widen": 8, **kw})
-
-
-@MODELS.register()
-def wrn_28_10(**kw) -> ResNet:
-    """WRN-28-10, Zagoruyko & Komodakis 2016"""
-    return ResNet(**{**WRN, "layers": [4, 4, 4], "widen": 10, **kw})
-
-
-@MODELS.register()
-def wrn_40_4(**kw) -> ResNet:
-    """WRN-40-4, Zagoruyko & Komodakis 2016"""
-    return ResNet(**{**WRN, "layers": [6, 6, 6], "widen": 4, **kw})
+variant("wrn_16_8", "WRN-16-8, Zagoruyko & Komodakis 2016", layers=[2, 2, 2], widen=8, **WRN)
+variant("wrn_28_10", "WRN-28-10, Zagoruyko & Komodakis 2016", layers=[4, 4, 4], widen=10, **WRN)
+variant("wrn_40_4", "WRN-40-4, Zagoruyko & Komodakis 2016", layers=[6, 6, 6], widen=4, **WRN)

@@ -1,0 +1,264 @@
+"""The trainer: the steps of a run as methods (set up, resume, one epoch, after a step, evaluate,
+save, finish), the run's progress in one `State`, and the after-a-step policy as one pure function.
+
+A run is `Trainer(cfg, run_dir, ranks, plan).run()`: set up the parts, resume when the plan says
+so, then for each epoch train it (calling `after_step` after every step) and end it (evaluate,
+save). Per-step features are `engine.Callback`s, passed to the loop beside the trainer itself.
+"""
+
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from resnet_lab import checkpoint, distributed
+from resnet_lab import device as device_setup
+from resnet_lab.data import build_data
+from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
+from resnet_lab.errors import UserError
+from resnet_lab.models import build_model
+from resnet_lab.optim import build_optimizer, build_scheduler
+from resnet_lab.preemption import StopSignals, Stopped
+from resnet_lab.resume import Plan
+from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+
+log = logging.getLogger("resnet_lab")
+
+
+@dataclass
+class State:
+    """A run's progress: exactly what a checkpoint holds beside the parts' own states (model,
+    optimizer, schedule, grad scaler), the random states and the config."""
+
+    epoch: int = 1  # the epoch training now or next, from 1
+    step: int = 0  # the steps of that epoch done: its next batch
+    # The epoch's running totals so far: live on the device while training; in a checkpoint,
+    # summed over the ranks (None at an epoch's start).
+    totals: Optional[RunningTotals] = None
+    best_acc: float = -1.0
+    metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's row
+    elapsed: float = 0.0  # the run's wall seconds, over all its resumed parts, at its last save
+    wandb_run_id: Optional[str] = None
+
+    FIELDS = ("epoch", "step", "totals", "best_acc", "metrics", "elapsed", "wandb_run_id")
+
+
+@dataclass(frozen=True)
+class Decision:
+    check_loss: bool = False  # read whether the loss became NaN or inf (waits for the device)
+    save: bool = False  # write checkpoints/last.pt now
+    stop: int = 0  # the signal to stop for, after saving; 0: train on
+
+
+def after_step(state: State, steps: int, every: int, signum: int, check_every_step: bool) -> Decision:
+    """What to do once a step has left the run at `state`, in an epoch of `steps` steps: write
+    a mid-epoch checkpoint every `every` steps of the run (0: never; the epoch's end writes its
+    own), stop at a signal (`signum`, 0 for none) after writing one, and look at the loss before
+    every checkpoint (a diverged run must not overwrite its last good one), or after every step
+    when reading it costs nothing (`check_every_step`)."""
+    run_step = (state.epoch - 1) * steps + state.step
+    due = every > 0 and run_step % every == 0 and state.step < steps
+    return Decision(check_loss=check_every_step or due or bool(signum), save=due or bool(signum), stop=signum)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to repeat itself; read when cuBLAS makes its first one.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks):
+    """The parts of a run, for this rank: its data, the bare model (the optimizer and checkpoints
+    hold it, so a DDP checkpoint resumes in one process), the model that trains (under DDP and
+    compiled, as asked), the optimizer, the schedule and the grad scaler."""
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
+                      ranks.rank, ranks.world_size)
+    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
+    if cfg.device.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    parallel = model
+    if ranks.world_size > 1:
+        parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
+                                           else None)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
+    return data, model, runtime.compiled(parallel), optimizer, scheduler, runtime.grad_scaler()
+
+
+class Trainer(Callback):
+    """One run of cfg in run_dir, on this rank (rank 0 alone writes and reports)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, plan: Plan,
+                 identity: Tuple[Optional[str], str]):
+        """identity: the W&B (group, name) of the run."""
+        self.cfg, self.run_dir, self.ranks, self.plan = cfg, Path(run_dir), ranks, plan
+        self.identity = identity
+        self.main = ranks.is_main
+        self.state = State()
+        self.began = time.perf_counter()  # minus the seconds of the parts before a resume
+        self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
+        self.callbacks = [self]  # the order of engine.Callback; features go before the trainer
+
+    def run(self) -> float:
+        """Set up, resume, train the remaining epochs; the final test accuracy."""
+        self.setup()
+        if self.plan.action == "continue":
+            self.resume()
+        if self.main:
+            checkpoint.keep_epochs(self.run_dir / METRICS_FILE, self.state.epoch - 1)
+        self.announce()
+        # The tracker opens only now, when the run is sure to train: a run that fails while setting
+        # up (a resume into another model, say) leaves the folder's status and its W&B run as they
+        # were. A run resumed in its own folder continues its W&B run rather than starting a second
+        # one; a new folder started from another run's checkpoint gets a W&B run of its own. The
+        # tracker closes before the signals are handed back (to submitit's requeue, under SLURM).
+        own_run_id = self.state.wandb_run_id if self.plan.own else None
+        with StopSignals() as self.signals, \
+                Tracker(self.run_dir, self.cfg, resume_id=own_run_id, rank=self.ranks.rank,
+                        identity=self.identity) as self.tracker:
+            for _ in range(self.state.epoch, self.cfg.trainer.epochs + 1):
+                self.train_epoch()
+                self.end_epoch()
+            self.finish()
+        return self.state.metrics["test_acc"]
+
+    def setup(self) -> None:
+        """The device, the seeds, the parts, and how often the loss is looked at."""
+        self.runtime = device_setup.resolve(self.cfg.device, self.ranks)
+        # Its own seed per rank for dropout's masks; the weights start as rank 0's (DDP copies them)
+        # and the batches are a function of cfg.seed alone.
+        seed_everything(self.cfg.seed + self.ranks.rank, self.cfg.trainer.deterministic)
+        (self.data, self.model, self.forward, self.optimizer, self.scheduler,
+         self.scaler) = build(self.cfg, self.runtime, self.ranks)
+        self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
+                                                   self.scheduler, self.scaler, self.runtime.device)
+        self.steps = len(self.data.train)
+        # Reading a CPU tensor costs nothing, so on the CPU a diverged loss stops the very step it
+        # appears; on an accelerator it is read only where the host waits anyway (checkpoints).
+        self.check_every_step = self.runtime.device.type == "cpu"
+
+    def resume(self) -> None:
+        """The parts' states and the progress from the plan's checkpoint."""
+        saved, path = self.plan.state, self.plan.checkpoint
+        self.checkpoints.restore(saved, path, self.ranks.rank)
+        self.state = State(**{k: saved[k] for k in State.FIELDS if k in saved and k != "totals"})
+        self.began -= self.state.elapsed  # total_seconds counts the parts before the stop
+        if saved["totals"] is not None:
+            # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
+            totals = saved["totals"] if self.main else {"seconds": saved["totals"]["seconds"]}
+            self.state.totals = RunningTotals.from_state_dict(totals, self.runtime.device)
+        self.last_good = f"{path} (epoch {self.state.epoch} step {self.state.step})"
+        log.info(f"resuming from {path} at epoch {self.state.epoch} step {self.state.step}")
+        if self.plan.changes:
+            log.warning(f"settings differ from the checkpoint's: {'; '.join(self.plan.changes)}")
+
+    def announce(self) -> None:
+        cfg, runtime, world = self.cfg, self.runtime, self.ranks.world_size
+        self.params = sum(p.numel() for p in self.model.parameters())
+        log.info(f"{cfg.model.name} ({self.params:,} parameters) on {cfg.dataset.name} "
+                 f"({self.data.train.num_samples} train, {self.data.test.num_samples} test images), "
+                 f"{runtime.device.type} {runtime.precision}"
+                 f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}"
+                 f"{f', {world} ranks' if world > 1 else ''}; writing to {self.run_dir}")
+
+    def train_epoch(self) -> None:
+        """Train state.epoch from state.step to its end."""
+        state = self.state
+        state.totals = state.totals or RunningTotals(self.runtime.device)
+        # A resumed epoch counts its time before the stop.
+        self.clock = time.perf_counter() - state.totals.seconds
+        show = self.cfg.trainer.progress and self.main
+        with EpochProgress(show, state.epoch, self.cfg.trainer.epochs, self.steps, state.step) as self.bar:
+            train_epoch(self.forward, self.data.train, self.optimizer, self.scheduler, self.scaler,
+                        self.runtime, state.epoch, state.totals, state.step, self.callbacks)
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        """engine.Callback: report the step, then do what the policy decides."""
+        state = self.state
+        state.step = step + 1
+        self.bar.advance()
+        self.tracker.step((state.epoch - 1) * self.steps + state.step, loss)
+        signum = distributed.largest(self.signals.signum or 0)  # all ranks stop at the same step
+        decision = after_step(state, self.steps, self.cfg.trainer.checkpoint_every_steps, signum,
+                              self.check_every_step)
+        if decision.check_loss:
+            self.check_finite()
+        if decision.save:
+            state.totals.seconds = time.perf_counter() - self.clock
+            self.save()
+        if decision.stop:
+            raise self.stop(decision.stop)
+
+    def end_epoch(self) -> None:
+        """Evaluate the epoch, report it, and save the start of the next (best.pt too if it is the
+        best so far); a signal during the evaluation stops the run there."""
+        state = self.state
+        self.check_finite()
+        metrics = self.evaluate()
+        self.tracker.epoch(metrics, global_step=state.epoch * self.steps)
+        improved = metrics["test_acc"] > state.best_acc
+        state.best_acc = max(state.best_acc, metrics["test_acc"])
+        state.metrics, state.epoch, state.step, state.totals = metrics, state.epoch + 1, 0, None
+        self.save(best=improved)
+        signum = distributed.largest(self.signals.signum or 0)
+        if signum and state.epoch <= self.cfg.trainer.epochs:
+            raise self.stop(signum)
+
+    def evaluate(self) -> Dict[str, float]:
+        """The epoch's row: its training totals, the test metrics, the learning rate and speed."""
+        seconds = time.perf_counter() - self.clock
+        whole = self.state.totals.reduced()
+        return {"epoch": self.state.epoch, **whole.metrics(), **evaluate(self.forward, self.data.test, self.runtime),
+                "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
+
+    def check_finite(self) -> None:
+        bad = self.state.totals.bad_step()
+        if bad is not None:
+            kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+            raise UserError(f"the training loss became NaN or inf at epoch {self.state.epoch} step "
+                            f"{bad + 1}/{self.steps}; training stopped and {kept}; lower optim.lr "
+                            f"(now {self.cfg.optim.lr})")
+
+    def save(self, best: bool = False) -> None:
+        """Write the state into last.pt (and best.pt), on rank 0, with every rank's random state."""
+        state = self.state
+        state.elapsed = time.perf_counter() - self.began
+        state.wandb_run_id = self.tracker.run_id
+        whole = state.totals and state.totals.reduced()
+        rngs = distributed.gather(checkpoint.rng_states(self.runtime.device))
+        # No rank runs ahead of a checkpoint (a job killed later resumes from this one), and
+        # every rank learns whether rank 0 could write it (a full disk, say).
+        with distributed.rank_0_failure_stops_all():
+            if self.main:
+                progress = {k: getattr(state, k) for k in State.FIELDS}
+                self.checkpoints.save(**{**progress, "totals": whole and whole.state_dict()}, rngs=rngs,
+                                      best=best)
+        self.last_good = f"{self.checkpoints.folder / checkpoint.LAST} (epoch {state.epoch} step {state.step})"
+
+    def stop(self, signum: int) -> Stopped:
+        log.warning(f"{signal.Signals(signum).name}: stopped at epoch {self.state.epoch} step "
+                    f"{self.state.step}/{self.steps}; {self.checkpoints.folder / checkpoint.LAST} written: "
+                    f"run the same command to resume")
+        return Stopped(signum)
+
+    def finish(self) -> None:
+        """The final weights (model.pt), and the run's summary and status."""
+        if self.cfg.trainer.save_weights and self.main:
+            # CPU tensors: the weights load anywhere, without a map_location.
+            torch.save({k: v.cpu() for k, v in self.model.state_dict().items()}, self.run_dir / "model.pt")
+            self.tracker.weights(self.run_dir / "model.pt")
+        self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})
