@@ -339,3 +339,12 @@ def test_resnet56_cifar_stem_trains(tmp_path):
     weights = torch.load(tmp_path / "model.pt")
     assert "layer3.8.bn2.weight" in weights and not any(k.startswith("layer4") for k in weights)
     assert weights["conv1.weight"].shape == (8, 3, 3, 3)  # the smoke width, a 3x3 CIFAR stem
+
+
+def test_listing_without_options_shows_each_variant_at_its_own_layout(capsys):
+    """The docs' table is what `python -m resnet_lab.models` prints with no options."""
+    list_models([])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["resnet18"][1:5] == ["11,689,512", "1,814.1", "3x224x224", "1000"]
+    assert rows["resnet56"][3:5] == ["3x32x32", "10"]
+    assert int(rows["resnet56"][1].replace(",", "")) == CIFAR10["resnet56"]

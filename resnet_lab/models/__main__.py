@@ -1,4 +1,6 @@
-"""`python -m resnet_lab.models [--size 224]`: every variant with its parameters and forward MACs."""
+"""`python -m resnet_lab.models [--size N --channels C --classes K]`: every variant with its parameters
+and forward MACs, each at its own layout's input (ImageNet stem: 3x224x224, 1000 classes; CIFAR
+stem: 3x32x32, 10 classes) unless the options set one for all."""
 
 import argparse
 from typing import List, Optional, Tuple
@@ -7,6 +9,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_lab.models import MODELS
+
+# The input each stem was designed for: (image size, classes).
+LAYOUTS = {"imagenet": (224, 1000), "cifar": (32, 10)}
 
 
 def measure(name: str, size: int, in_channels: int = 3, num_classes: int = 1000) -> Tuple[int, int]:
@@ -25,16 +30,17 @@ def measure(name: str, size: int, in_channels: int = 3, num_classes: int = 1000)
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m resnet_lab.models", description=__doc__)
-    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
-    parser.add_argument("--classes", type=int, default=1000, help="classes (default 1000)")
+    parser.add_argument("--size", type=int, help="input height and width (default: the layout's)")
+    parser.add_argument("--channels", type=int, help="input channels (default 3)")
+    parser.add_argument("--classes", type=int, help="classes (default: the layout's)")
     args = parser.parse_args(argv)
-    print(f"{'model':<18} {'params':>13} {'MMACs':>11}  at {args.channels}x{args.size}x{args.size}, "
-          f"{args.classes} classes")
+    print(f"{'model':<18} {'params':>13} {'MMACs':>11}  {'input':<10} {'classes':>7}  paper")
     for name in MODELS.names():
-        params, macs = measure(name, args.size, args.channels, args.classes)
+        size, classes = LAYOUTS[MODELS.get(name).architecture.stem]
+        size, classes, channels = args.size or size, args.classes or classes, args.channels or 3
+        params, macs = measure(name, size, channels, classes)
         paper = (MODELS.get(name).__doc__ or "").split("\n")[0]
-        print(f"{name:<18} {params:>13,} {macs / 1e6:>11,.1f}  {paper}")
+        print(f"{name:<18} {params:>13,} {macs / 1e6:>11,.1f}  {f'{channels}x{size}x{size}':<10} {classes:>7}  {paper}")
 
 
 if __name__ == "__main__":

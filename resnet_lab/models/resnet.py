@@ -328,7 +328,7 @@ variant("wide_resnet50_2", "Wide ResNet-50-2, Zagoruyko & Komodakis 2016 (torchv
 variant("wide_resnet101_2", "Wide ResNet-101-2, Zagoruyko & Komodakis 2016 (torchvision: 2x wider bottleneck "
         "3x3)", layers=[3, 4, 23, 3], block="bottleneck", width_per_group=128)
 # The d2l.ai network: conv biases, 1x1 projections without BN, PyTorch's default initialisation.
-variant("resnet18_d2l", "ResNet-18 as d2l.ai builds it, the starting-point script's network",
+variant("resnet18_d2l", "ResNet-18 as d2l.ai builds it (its ResNet chapter)",
         layers=[2, 2, 2, 2], bias=True, projection_norm=False, weight_init="pytorch")
 
 # CIFAR layout (He et al. 2015, section 4.2): a 3x3 stem, 3 stages of 16-32-64 planes,
