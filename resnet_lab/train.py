@@ -245,7 +245,9 @@ def _train(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
                 raise stop(signum, epoch + 1, 0)
         if cfg.trainer.save_weights and main:
             # CPU tensors: the weights load anywhere, without a map_location.
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+            weights = {k: v.cpu() for k, v in model.state_dict().items()}
+            checkpoint.write_file(run_dir / "model.pt", lambda f: torch.save(weights, f),
+                                  after=f", then run again to write it from {checkpoint.LAST}")
             tracker.weights(run_dir / "model.pt")
         tracker.finish({"params": params, "total_seconds": time.perf_counter() - began})
     return metrics["test_acc"]

@@ -230,7 +230,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
 
     monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
     cfg = tiny_cfg(f"dataset.root={fmnist_root}")
-    with pytest.raises(UserError, match="No space left on device.*the previous one is intact"):
+    with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact; free some space, then run again"):
         train(cfg, tmp_path)
     last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
     assert [p.name for p in last.parent.iterdir()] == [checkpoint.LAST]  # no temporary file left
@@ -245,6 +245,100 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     train(cfg, tmp_path)
     assert_same_outcome(outcome(tmp_path), reference)
     assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
+
+
+def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tmp_path, monkeypatch, capsys):
+    def open_on_full_disk(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        return FullDisk(f, room=50_000) if Path(path).name == ".model.pt.tmp" else f
+
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={run_dir}"]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+        code, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line == (f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was "
+                    f"written; free some space, then run again to write it from {checkpoint.LAST}")
+    assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
+    assert (run_dir / "status").read_text() == "failed\n"
+    # The same settings again write it from the finished checkpoint, without training.
+    train(tiny_cfg(*args[:-1]), run_dir)
+    assert epochs(run_dir) == [1] and (run_dir / "status").read_text() == "finished\n"
+    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    saved = checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["model"]
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """mount(tmpfs of `size` bytes) -> its folder; skips where this process cannot mount one."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_model_pt_on_a_really_full_file_system(fmnist_root, tmp_path, tiny_tmpfs):
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
+            "logger=none"]
+    sizes = tmp_path / "sizes"
+    sizes.mkdir()
+    train(tiny_cfg(*args), sizes)
+    checkpoint_size = (sizes / checkpoint.FOLDER / checkpoint.LAST).stat().st_size
+    # Room for last.pt, best.pt and the small files, and half of model.pt.
+    run_dir = tiny_tmpfs(2 * checkpoint_size + 64_000 + (sizes / "model.pt").stat().st_size // 2) / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was written")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
+                                                         "train.log"]
+    assert checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+
+
+def test_disk_full_at_best_pt_says_last_pt_was_written(fmnist_root, tmp_path, monkeypatch):
+    def open_on_full_disk(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        return FullDisk(f, room=10_000) if Path(path).name == f".{checkpoint.BEST}.tmp" else f
+
+    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    with pytest.raises(UserError) as failed:
+        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0"),
+              tmp_path)
+    assert str(failed.value).endswith(f"{checkpoint.BEST} (No space left on device); no {checkpoint.BEST} was "
+                                      f"written; free some space; {checkpoint.LAST} was written: run again to resume")
+    assert checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+
+
+def test_metrics_and_status_on_a_full_disk_are_left_whole(tmp_path, monkeypatch):
+    from resnet_lab.tracking import MetricsFile, write_status
+
+    rows = MetricsFile(tmp_path)
+    rows.write({"epoch": 1, "test_acc": 0.5})
+    write_status(tmp_path, "running")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": FullDisk(open(path, mode), room=3),
+                        raising=False)
+    with pytest.raises(UserError, match=r"metrics.jsonl \(No space left on device\); the previous metrics.jsonl "
+                                        r"is intact; free some space$"):
+        rows.write({"epoch": 2, "test_acc": 0.6})
+    with pytest.raises(UserError, match="status .*the previous status is intact"):
+        write_status(tmp_path, "finished")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmnist_root, tmp_path, reference):
