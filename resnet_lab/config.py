@@ -4,8 +4,10 @@ OmegaConf checks types and key names while Hydra composes; `validate` checks wha
 say (ranges, choices, cross-field rules) before anything is built.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -174,8 +176,23 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
+def _float_keys(schema=None, prefix: str = "") -> List[str]:
+    """The keys the schema types as floats (alone, optional or in lists)."""
+    keys = []
+    for f in fields(schema or Config):
+        if is_dataclass(f.type):
+            keys += _float_keys(f.type, f"{prefix}{f.name}.")
+        elif float in (f.type, *get_args(f.type), *(a for t in get_args(f.type) for a in get_args(t))):
+            keys.append(prefix + f.name)
+    return keys
+
+
 def validate(cfg: Any) -> None:
     """Raise UserError naming the key, the bad value and what is allowed."""
+    for key in _float_keys():
+        value = _get(cfg, key)
+        if value is not None and not all(map(math.isfinite, value if isinstance(value, Sequence) else [value])):
+            raise UserError(f"{key}={value}: must be a finite number")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
