@@ -125,7 +125,11 @@ def load(path: Path) -> Dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
-        detail = " ".join(str(e).split())[:160]
+        detail = " ".join(str(e).split())
+        # torch puts what its weights-only unpickler met inside a paragraph on a default that
+        # does not apply here.
+        detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
+        detail = detail[:160]
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
                         f"resume from another one with trainer.resume=<path> (e.g. {BEST} beside it), "
                         f"or start afresh with trainer.resume=none") from e

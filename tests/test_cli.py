@@ -72,6 +72,8 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
     (["optim.weight_decay=-inf"], ["optim.weight_decay=-inf: must be a finite number"]),
     (["optim.betas=[0.9,nan]"], ["optim.betas=[0.9, nan]: must be a finite number"]),
     (["sched=step", "sched.gamma=nan"], ["sched.gamma=nan: must be a finite number"]),
+    (["hydra.run.dir=/tmp/ünïcödé_日本"], ["LexerNoViableAltException", "beyond ASCII only in a quoted value",
+                                          "'hydra.run.dir=\"/tmp/ünïcödé_日本\"'"]),
 ])
 def test_bad_config_is_one_clear_line(args, words, tmp_path, monkeypatch, capsys):
     code, err = run_cli(args, tmp_path, monkeypatch, capsys)

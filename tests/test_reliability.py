@@ -271,26 +271,6 @@ def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tm
     assert all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """mount(tmpfs of `size` bytes) -> its folder; skips where this process cannot mount one."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    mounted = []
-
-    def mount(size: int) -> Path:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_model_pt_on_a_really_full_file_system(fmnist_root, tmp_path, tiny_tmpfs):
     args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
             "logger=none"]
