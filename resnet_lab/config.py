@@ -176,13 +176,17 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
+def _has_float(annotation) -> bool:
+    return annotation is float or any(map(_has_float, get_args(annotation)))
+
+
 def _float_keys(schema=None, prefix: str = "") -> List[str]:
     """The keys the schema types as floats (alone, optional or in lists)."""
     keys = []
     for f in fields(schema or Config):
         if is_dataclass(f.type):
             keys += _float_keys(f.type, f"{prefix}{f.name}.")
-        elif float in (f.type, *get_args(f.type), *(a for t in get_args(f.type) for a in get_args(t))):
+        elif _has_float(f.type):
             keys.append(prefix + f.name)
     return keys
 

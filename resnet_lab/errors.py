@@ -88,8 +88,8 @@ def describe(e: BaseException):
     if isinstance(e, ValueError) and str(e) == "No trials are completed yet.":
         # Optuna's sweeper asks its study for the best trial after the last one.
         return "every trial of the Optuna search failed (the 'Failed experiment' lines above say why)"
-    while not isinstance(e, OSError) and e.__cause__ is not None:
-        e = e.__cause__  # logging's "Unable to configure handler 'file'", from Hydra opening the run's log
+    if isinstance(e, ValueError) and str(e).startswith("Unable to configure handler"):
+        e = e.__cause__  # logging's, when Hydra cannot open the run's log file
     if isinstance(e, OSError) and e.filename:
         # Hydra creating the run folder, or a write into it, failed.
         return (f"{e.filename}: {e.strerror}; the run folder must be writable and have free space "
