@@ -7,6 +7,7 @@ The loaders need no state of their own: each batch is a function of (seed, epoch
 """
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -58,6 +59,29 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.close(folder)
 
 
+def _remedy(cause: OSError, folder: Path) -> str:
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make {folder} writable"
+    return f"check {folder}"
+
+
+def write_file(path: Path, write: Callable[[IO[bytes]], None], after: str = "") -> None:
+    """_atomic_write, with a failed write (a full disk, a read-only folder) as one line for the
+    user; `after`: what to do then."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, write)
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"could not write {path} ({cause.strerror or cause}); {kept}; "
+                        f"{_remedy(cause, path.parent)}{after}") from e
+
+
 def rng_states(device: torch.device) -> Dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     states = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
@@ -83,7 +107,11 @@ def load(path: Path) -> Dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
-        detail = " ".join(str(e).split())[:160]
+        detail = " ".join(str(e).split())
+        # torch puts what its weights-only unpickler met inside a paragraph on a default that
+        # does not apply here.
+        detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
+        detail = detail[:160]
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
                         f"resume from another one with trainer.resume=<path> (e.g. {BEST} beside it), "
                         f"or start afresh with trainer.resume=none") from e
@@ -156,19 +184,10 @@ class Checkpointer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_run_id": wandb_run_id, "elapsed": elapsed,
         }
-        for name in (LAST, BEST) if best else (LAST,):
-            path = self.folder / name
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                _atomic_write(path, lambda f: torch.save(state, f))
-            except Exception as e:
-                cause = _os_error(e)
-                if cause is None:
-                    raise
-                kept = "the previous one is intact" if path.exists() else "none was written before"
-                raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}; "
-                                f"free some space or make {self.folder} writable, then run again to "
-                                f"resume") from e
+        write_file(self.folder / LAST, lambda f: torch.save(state, f), after=", then run again to resume")
+        if best:
+            write_file(self.folder / BEST, lambda f: torch.save(state, f),
+                       after=f"; {LAST} was written: run again to resume")
         if not self.record_kept:  # Hydra's record stays the same while the job runs
             keep_hydra_record(self.folder.parent)
             self.record_kept = True

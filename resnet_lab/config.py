@@ -4,6 +4,7 @@ OmegaConf checks types and key names while Hydra composes; `validate` checks wha
 say (ranges, choices, cross-field rules) before anything is read or built.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
@@ -191,6 +192,23 @@ BOUNDS = {
 }
 
 
+def _floats(node: Any, prefix: str = ""):
+    """(key, value) for every float in the config, alone or in a list."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{prefix}{key}" if isinstance(node, dict) else prefix.rstrip(".")
+        if isinstance(value, float):
+            yield path, value
+        else:
+            yield from _floats(value, f"{path}.")
+
+
+def _check_finite(cfg: Any) -> None:
+    for key, value in _floats(OmegaConf.to_container(cfg, resolve=True)):
+        if not math.isfinite(value):
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)}: must be a finite number")
+
+
 def _check_table(cfg: Any) -> None:
     """CHOICES and BOUNDS, for the keys this config has (each kind of dataset has its own)."""
     for key, allowed in CHOICES.items():
@@ -213,6 +231,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     composes); the model's knobs are checked by models.check; what depends on the machine
     (device.resolve) or on the data (build_data: the batch against the dataset's size) where
     those are known. `world_size`: the ranks this run trains on."""
+    _check_finite(cfg)
     _check_table(cfg)
     check_architecture(architecture(cfg.model))
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:

@@ -72,12 +72,19 @@ def describe(e: BaseException):
     if isinstance(e, ConfigCompositionException) and isinstance(cause, ValidationError):
         return f"{cause.full_key}: {_first_line(cause)}"
     if isinstance(e, OverrideParseException):
-        return f"could not parse the command-line overrides: {_first_line(e)}"
+        line = _first_line(e)
+        if not line.isascii():
+            key, _, value = line.partition(": ")[2].partition("=")
+            return (f"could not parse the command-line overrides: {line}; Hydra takes characters beyond "
+                    f"ASCII only in a quoted value: '{key}=\"{value}\"'")
+        return f"could not parse the command-line overrides: {line}"
     if isinstance(e, ConfigCompositionException):
         return " ".join(filter(None, [_first_line(e), _first_line(cause) if cause else ""]))
     if isinstance(e, ValueError) and str(e) == "No trials are completed yet.":
         # Optuna's sweeper asks its study for the best trial after the last one.
         return "every trial of the Optuna search failed (the 'Failed experiment' lines above say why)"
+    if isinstance(e, ValueError) and str(e).startswith("Unable to configure handler"):
+        e = e.__cause__  # logging's, when Hydra cannot open the run's log file
     if isinstance(e, OSError) and e.filename:
         # Hydra creating the run folder, or a write into it, failed.
         return (f"{e.filename}: {e.strerror}; the run folder must be writable and have free space "

@@ -55,14 +55,17 @@ class EpochProgress:
 
 
 class MetricsFile:
-    """One JSON object per epoch, appended and flushed as soon as the epoch ends."""
+    """One JSON object per epoch, added as soon as the epoch ends: the file is written anew, so
+    that a kill or a full disk leaves it with the row or without it, never with part of it."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / METRICS_FILE
 
     def write(self, metrics: Dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        from resnet_lab.checkpoint import write_file  # which imports this module
+
+        rows = self.path.read_bytes() if self.path.exists() else b""
+        write_file(self.path, lambda f: f.write(rows + (json.dumps(metrics) + "\n").encode()))
 
     def read(self) -> List[Dict[str, float]]:
         if not self.path.exists():
@@ -76,7 +79,9 @@ def read_status(run_dir: Path) -> Optional[str]:
 
 
 def write_status(run_dir: Path, status: str) -> None:
-    (Path(run_dir) / STATUS_FILE).write_text(status + "\n")
+    from resnet_lab.checkpoint import write_file  # which imports this module
+
+    write_file(Path(run_dir) / STATUS_FILE, lambda f: f.write((status + "\n").encode()))
 
 
 _announced_mode = False
@@ -205,11 +210,16 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if isinstance(exc, Stopped):
-            # Stopped by a signal with last.pt written: W&B shows the run as preempted, and a
-            # resume continues it.
-            if self.wandb is not None:
-                self.wandb.mark_preempting()
-            self.finish({}, exit_code=exc.code, status="stopped")
-        else:
-            self.finish({}, exit_code=0 if exc_type is None else 1)
+        try:
+            if isinstance(exc, Stopped):
+                # Stopped by a signal with last.pt written: W&B shows the run as preempted, and a
+                # resume continues it.
+                if self.wandb is not None:
+                    self.wandb.mark_preempting()
+                self.finish({}, exit_code=exc.code, status="stopped")
+            else:
+                self.finish({}, exit_code=0 if exc_type is None else 1)
+        except UserError:
+            # A status the full disk could not take says less than the error that ended the run.
+            if exc is None:
+                raise

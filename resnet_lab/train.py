@@ -13,9 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import configure_log
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint, distributed, resume
+from resnet_lab import checkpoint, distributed, resume, runlock
 from resnet_lab.config import register_configs, validate
 from resnet_lab.errors import HeldBack, UserError
 from resnet_lab.resume import meaningful
@@ -64,13 +64,25 @@ def spawned_rank(cfg: DictConfig, run_dir: Path, hydra_state: bytes) -> float:
     return train(cfg, run_dir)
 
 
+def hydra_record(cfg: DictConfig) -> dict:
+    """The files of the job's record (hydra.output_subdir) as Hydra writes them (run_job)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is None:
+        return {}
+    nodes = {"config.yaml": cfg, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": hydra_cfg.overrides.task}
+    return {f"{hydra_cfg.output_subdir}/{name}": OmegaConf.to_yaml(node) for name, node in nodes.items()}
+
+
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     HeldBack.single_run = HydraConfig.get().mode == RunMode.RUN
     ranks = distributed.from_env()
-    # Rank 0's alone: under torchrun the other ranks write no Hydra record (resnet_lab/__main__.py).
-    with checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
+    # One run in the folder at a time (a submitit job's tasks make their process group here to
+    # learn whether rank 0 holds it). Rank 0's alone: under torchrun the other ranks write no
+    # Hydra record (resnet_lab/__main__.py).
+    with distributed.process_group(ranks), runlock.held(run_dir, ranks.is_main, hydra_record(cfg)), \
+            checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
         return launch(cfg, run_dir, ranks)
 
 

@@ -3,6 +3,7 @@
 import os
 import pickle
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +94,23 @@ def grid_sweep(tmp_path_factory, fmnist_root):
                                 "trainer.eval_batch_size=${trainer.batch_size}", "logger.tags=[ci,tiny]")
     assert code == 0
     return sweep, out
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """mount(tmpfs of `size` bytes) -> its folder; skips where this process cannot mount one."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

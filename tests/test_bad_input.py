@@ -308,6 +308,15 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(run_copy, fmnist_root, tmp_
     assert "model.pt is not a resnet_lab checkpoint" in last and "optimizer" in last
 
 
+def test_resume_from_random_bytes_names_what_the_unpickler_met(run_copy, fmnist_root, tmp_path, monkeypatch,
+                                                                capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes([0x80, 2, 197]) + bytes(100))  # a pickle protocol 2 header, then no opcode
+    last = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, f"trainer.resume={junk}")
+    assert f"checkpoint {junk} is corrupt or truncated (UnpicklingError: Unsupported operand 197); " in last
+    assert "weights_only" not in last and "2.6" not in last
+
+
 @pytest.mark.parametrize("args, words", [
     (["model=resnet34"], ["does not fit this model", "missing: layer1.2.conv1.weight", "model=resnet18"]),
     (["model.width=16"], ["does not fit this model",
@@ -361,6 +370,25 @@ def test_run_folder_that_cannot_be_written(blocker, fmnist_root, tmp_path, monke
     assert str(parent) in last and "writable" in last and "hydra.run.dir" in last
     if blocker == "a file":
         assert parent.read_text() == "not a folder"
+
+
+def test_an_existing_run_folder_on_a_read_only_file_system(finished_run, fmnist_root, tmp_path, tiny_tmpfs,
+                                                          monkeypatch, capsys):
+    # Root writes into any folder: it needs a file system mounted read-only.
+    root = os.geteuid() == 0
+    run_dir = (tiny_tmpfs(64 << 20) if root else tmp_path) / "run"
+    shutil.copytree(finished_run, run_dir)
+    if root:
+        subprocess.run(["mount", "-o", "remount,ro", str(run_dir.parent)], check=True)
+    else:
+        for path in (run_dir, *run_dir.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+    code, err = run_cli([f"dataset.root={fmnist_root}", *RUN, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch,
+                        capsys)
+    last = one_line_error(code, err)
+    why = "Read-only file system" if root else "Permission denied"
+    assert last == (f"error: {run_dir / 'train.log'}: {why}; the run folder must be writable and "
+                    f"have free space (choose it with hydra.run.dir, or hydra.sweep.dir for -m)")
 
 
 def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root, tmp_path, monkeypatch, capsys):

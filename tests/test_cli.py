@@ -67,6 +67,14 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
     (["device.precision=bf32"], ["device.precision=bf32", "fp32", "bf16", "fp16"]),
     (["sched=cosine", "sched.warmup_epochs=3"], ["sched.warmup_epochs=3", "trainer.epochs=2"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
+    # Not finite: Adam would refuse it in a traceback, SGD train until the NaN guard stops it.
+    (["optim.lr=nan"], ["optim.lr=nan: must be a finite number"]),
+    (["optim=sgd", "optim.lr=inf"], ["optim.lr=inf: must be a finite number"]),
+    (["optim.weight_decay=-inf"], ["optim.weight_decay=-inf: must be a finite number"]),
+    (["optim.betas=[0.9,nan]"], ["optim.betas=[0.9, nan]: must be a finite number"]),
+    (["sched=step", "sched.gamma=nan"], ["sched.gamma=nan: must be a finite number"]),
+    (["hydra.run.dir=/tmp/ünïcödé_日本"], ["LexerNoViableAltException", "beyond ASCII only in a quoted value",
+                                          "'hydra.run.dir=\"/tmp/ünïcödé_日本\"'"]),
 ])
 def test_bad_config_is_one_clear_line(args, words, tmp_path, monkeypatch, capsys):
     code, err = run_cli(args, tmp_path, monkeypatch, capsys)

@@ -262,7 +262,8 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(fmnist_root, 
     # Every rank stops at the failed checkpoint: none waits there for the launcher's grace period.
     assert time.monotonic() - began < distributed.GRACE_S
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "could not write checkpoint" in proc.stderr.strip().splitlines()[-1]
+    assert "could not write" in proc.stderr.strip().splitlines()[-1]
+    assert "checkpoints/last.pt" in proc.stderr.strip().splitlines()[-1]
 
 
 def what_each_rank_raises(notes: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from resnet_lab import checkpoint
+from resnet_lab import checkpoint, runlock
 from resnet_lab.checkpoint import Checkpointer
 from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
@@ -85,7 +85,9 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
     finally:
         proc.kill()
         proc.wait()
-    # ... the command again (a requeued job) continues from there, and is killed mid-epoch 2 ...
+    killed = proc.pid
+    # ... the command again (a requeued job) takes over the dead run's lock, continues from
+    # there, and is killed mid-epoch 2 ...
     proc = start([*args, "trainer.checkpoint_every_steps=1"], run_dir)
     try:
         epoch, step = freeze_at(proc, run_dir, (2, 1))
@@ -93,10 +95,59 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
         proc.kill()
         proc.wait()
     assert epoch == 2 and 0 < step < STEPS
-    assert "resuming from" in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    assert "resuming from" in log
+    taken = [line for line in log.splitlines() if "ended without releasing it" in line]
+    assert len(taken) == 1 and f"(pid {killed} on host " in taken[0] and "taking it over" in taken[0]
     # ... and once more, to the end: every epoch once in metrics.jsonl, the same numbers, the same weights.
     assert train(tiny_cfg(f"dataset.root={fmnist_root}"), run_dir) == reference[0][-1]["test_acc"]
     assert_same_outcome(outcome(run_dir), reference)
+
+
+def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused(fmnist_root, tmp_path,
+                                                                                 reference):
+    run_dir = tmp_path / "run"
+    lock = run_dir / runlock.LOCK_FILE
+    common = [f"dataset.root={fmnist_root}", *TINY, "trainer.checkpoint_every_steps=0", "logger=none",
+              f"hydra.run.dir={run_dir}"]
+    # Two seeds: a run that took over the other's checkpoints or record would show it.
+    procs = {seed: subprocess.Popen([sys.executable, "-m", "resnet_lab", *common, f"seed={seed}"], cwd=tmp_path,
+                                    env=fresh_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for seed in (0, 1)}
+    try:
+        # Whichever takes the folder is held there until the other has given up.
+        deadline = time.monotonic() + 300
+        while not lock.exists() or not lock.read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
+            time.sleep(0.003)
+        holder = json.loads(lock.read_text())["pid"]
+        os.kill(holder, signal.SIGSTOP)
+        winner = next(seed for seed, p in procs.items() if p.pid == holder)
+        loser = procs[1 - winner]
+        err = loser.communicate(timeout=300)[1].decode()
+        os.kill(holder, signal.SIGCONT)
+        assert procs[winner].wait(timeout=300) == 0
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.communicate()
+    assert loser.returncode == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: run folder {run_dir} is in use by another run (pid {holder} on host ")
+    assert "started " in line and "hydra.run.dir" in line
+    # The folder is the winner's alone: its record, and a lone run's metrics and weights.
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert f"seed={winner}" in overrides and f"seed={1 - winner}" not in overrides
+    assert sorted(p.name for p in (run_dir / checkpoint.FOLDER).iterdir()) == [checkpoint.BEST, "hydra",
+                                                                               checkpoint.LAST]
+    assert not lock.exists()
+    lone = reference
+    if winner == 1:
+        lone_dir = tmp_path / "lone"
+        lone_dir.mkdir()
+        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.checkpoint_every_steps=0", "seed=1"), lone_dir)
+        lone = outcome(lone_dir)
+    assert_same_outcome(outcome(run_dir), lone)
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 30) -> Path:
@@ -134,6 +185,7 @@ def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path
     stopped = read_run(run_dir)
     assert stopped.exit_code == 143 and stopped.run.run_id == state["wandb_run_id"]
     assert (run_dir / "status").read_text() == "stopped\n"
+    assert not (run_dir / runlock.LOCK_FILE).exists()  # released: the resume takes over nothing
 
     train(tiny_cfg(*args, "dataset.num_workers=0"), run_dir)
     assert_same_outcome(outcome(run_dir), outcome(reference_dir))
@@ -178,7 +230,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
 
     monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
     cfg = tiny_cfg(f"dataset.root={fmnist_root}")
-    with pytest.raises(UserError, match="No space left on device.*the previous one is intact"):
+    with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact; free some space, then run again"):
         train(cfg, tmp_path)
     last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
     assert [p.name for p in last.parent.iterdir()] == [checkpoint.LAST]  # no temporary file left
@@ -193,6 +245,80 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     train(cfg, tmp_path)
     assert_same_outcome(outcome(tmp_path), reference)
     assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
+
+
+def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tmp_path, monkeypatch, capsys):
+    def open_on_full_disk(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        return FullDisk(f, room=50_000) if Path(path).name == ".model.pt.tmp" else f
+
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={run_dir}"]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+        code, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line == (f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was "
+                    f"written; free some space, then run again to write it from {checkpoint.LAST}")
+    assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
+    assert (run_dir / "status").read_text() == "failed\n"
+    # The same settings again write it from the finished checkpoint, without training.
+    train(tiny_cfg(*args[:-1]), run_dir)
+    assert epochs(run_dir) == [1] and (run_dir / "status").read_text() == "finished\n"
+    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    saved = checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["model"]
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
+
+
+def test_model_pt_on_a_really_full_file_system(fmnist_root, tmp_path, tiny_tmpfs):
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
+            "logger=none"]
+    sizes = tmp_path / "sizes"
+    sizes.mkdir()
+    train(tiny_cfg(*args), sizes)
+    checkpoint_size = (sizes / checkpoint.FOLDER / checkpoint.LAST).stat().st_size
+    # Room for last.pt, best.pt and the small files, and half of model.pt.
+    run_dir = tiny_tmpfs(2 * checkpoint_size + 64_000 + (sizes / "model.pt").stat().st_size // 2) / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was written")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
+                                                         "train.log"]
+    assert checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+
+
+def test_disk_full_at_best_pt_says_last_pt_was_written(fmnist_root, tmp_path, monkeypatch):
+    def open_on_full_disk(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        return FullDisk(f, room=10_000) if Path(path).name == f".{checkpoint.BEST}.tmp" else f
+
+    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    with pytest.raises(UserError) as failed:
+        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0"),
+              tmp_path)
+    assert str(failed.value).endswith(f"{checkpoint.BEST} (No space left on device); no {checkpoint.BEST} was "
+                                      f"written; free some space; {checkpoint.LAST} was written: run again to resume")
+    assert checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+
+
+def test_metrics_and_status_on_a_full_disk_are_left_whole(tmp_path, monkeypatch):
+    from resnet_lab.tracking import MetricsFile, write_status
+
+    rows = MetricsFile(tmp_path)
+    rows.write({"epoch": 1, "test_acc": 0.5})
+    write_status(tmp_path, "running")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": FullDisk(open(path, mode), room=3),
+                        raising=False)
+    with pytest.raises(UserError, match=r"metrics.jsonl \(No space left on device\); the previous metrics.jsonl "
+                                        r"is intact; free some space$"):
+        rows.write({"epoch": 2, "test_acc": 0.6})
+    with pytest.raises(UserError, match="status .*the previous status is intact"):
+        write_status(tmp_path, "finished")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_finished_run_run_again_returns_at_once_and_more_epochs_extend_it(fmnist_root, tmp_path, reference):

@@ -53,6 +53,15 @@ def test_a_job_that_raises_fails_its_own_run_only(tmp_path, fmnist_root):
     assert (sweep / "1" / "status").read_text().strip() == "finished"
 
 
+def test_a_sweep_job_with_a_learning_rate_that_is_not_finite_is_one_line(tmp_path, fmnist_root, capsys):
+    code, sweep, _ = multirun(tmp_path, fmnist_root, "optim.lr=nan,1e-2", "logger=none")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == "error: optim.lr=nan: must be a finite number"
+    assert not (sweep / "0" / "status").exists()
+    assert (sweep / "1" / "status").read_text() == "finished\n"
+
+
 def test_a_sweep_with_a_failed_job_still_ends_with_its_runs_side_by_side(tmp_path, fmnist_root, capsys):
     # Hydra's basic sweeper runs every job, then raises the first failure (skipping the callback
     # that prints the table): the table comes before the error line all the same.
