@@ -185,3 +185,19 @@ def test_a_cached_run_resumes_exactly_while_streaming(images, tmp_path, one_thre
                    "dataset.num_workers=1"), runs["resumed"])
     assert "dataset.cache=False (checkpoint: auto)" in caplog.text
     assert_same_outcome(outcome(runs["resumed"]), outcome(runs["whole"]))
+
+
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_two_ranks_take_the_halves_of_each_batch(mode, images):
+    cfg = tiny_cfg(images, "dataset=image_folder", "dataset.num_workers=0", "trainer.batch_size=8",
+                   f"dataset.cache={mode}")
+    whole = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), cfg.seed)
+    ranks = [build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), cfg.seed, rank=r, world_size=2)
+             for r in (0, 1)]
+    batches = [list(data.train.raw_batches(1, 0)) for data in ranks]
+    expected = list(whole.train.raw_batches(1, 0))
+    assert len(expected) == 3 and [len(b) for b in batches] == [3, 3]
+    for i, (images_i, labels_i) in enumerate(expected):
+        assert [len(b[i][1]) for b in batches] == [4, 4]
+        assert torch.equal(torch.cat([b[i][0] for b in batches]), images_i)
+        assert torch.equal(torch.cat([b[i][1] for b in batches]), labels_i)

@@ -121,6 +121,9 @@ class FolderCache:
                             f"{user_cache_dir()}); set dataset.cache_dir to one")
         shape = (index["channels"], *index["size"])
         if not index.get("arrays"):
+            counts = ", ".join(f"{len(split):,} {name}" for name, split in samples.items())
+            log.info(f"image_folder: decoding the images ({counts}) into {self.folder}, once")
+            began = time.perf_counter()
             done = {}  # the temporary files, renamed once every split is decoded
             try:
                 for name, split in samples.items():
@@ -132,6 +135,9 @@ class FolderCache:
                     tmp.unlink(missing_ok=True)
             index = {**index, "arrays": True}
             self.save_index(index)
+            log.info(f"image_folder: decoded in {time.perf_counter() - began:.1f} s")
+        else:
+            log.info(f"image_folder: the decoded images from {self.folder}")
         out = {}
         for name in samples:
             images = torch.from_numpy(np.load(self.path(f"{name}.npy"), mmap_mode="c"))
@@ -144,8 +150,6 @@ class FolderCache:
         path = self.path(f"{name}.npy")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         channels, resize = shape[0], self.resize
-        log.info(f"image_folder: decoding the {len(samples):,} {name} images into {path}, once")
-        began = time.perf_counter()
         try:
             with open(tmp, "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool, \
                     ProgressBar(True, f"decoding {name}", len(samples)) as bar:
@@ -159,7 +163,6 @@ class FolderCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        log.info(f"image_folder: decoded {len(samples):,} {name} images in {time.perf_counter() - began:.1f} s")
         return tmp
 
 
