@@ -3,6 +3,7 @@ while building it, the same pixels as decoding while training; and the streaming
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,27 @@ def test_two_ranks_take_the_halves_of_each_batch(mode, images):
         assert [len(b[i][1]) for b in batches] == [4, 4]
         assert torch.equal(torch.cat([b[i][0] for b in batches]), images_i)
         assert torch.equal(torch.cat([b[i][1] for b in batches]), labels_i)
+
+
+def test_runs_starting_together_decode_once(images, decodes):
+    cfg = tiny_cfg(images, "dataset=image_folder", "dataset.num_workers=0", "trainer.batch_size=8")
+    built = []
+    threads = [threading.Thread(target=lambda: built.append(build_data(cfg.dataset, cfg.trainer,
+                                                                       torch.device("cpu"), cfg.seed)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 2 and len(decodes) == 30
+    assert torch.equal(built[0].train.images, built[1].train.images)
+
+
+def test_a_full_disk_while_decoding_is_one_line(images, tiny_tmpfs):
+    cache_dir = tiny_tmpfs(32 * 1024)  # the index fits; 30 images at 64 x 64 do not
+    with pytest.raises(UserError) as raised:
+        data_of(images, "dataset.resize=64", f"dataset.cache_dir={cache_dir}", "dataset.cache=true")
+    message = str(raised.value)
+    assert message.startswith(f"could not write the image cache {cache_dir}/") and "No space left" in message
+    assert "dataset.cache=false" in message
+    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".lock"]  # no partial array
