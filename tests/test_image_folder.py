@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from resnet_lab.data import build_data, cache
+from resnet_lab.data.images import decode
 from resnet_lab.data.loader import DeviceLoader, HostLoader
 from resnet_lab.errors import UserError
 from resnet_lab.train import train
@@ -226,3 +227,11 @@ def test_a_full_disk_while_decoding_is_one_line(images, tiny_tmpfs):
     assert message.startswith(f"could not write the image cache {cache_dir}/") and "No space left" in message
     assert "dataset.cache=false" in message
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".lock"]  # no partial array
+
+
+def test_a_16_bit_png_decodes_to_its_top_8_bits(tmp_path):
+    pixels = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    image = decode(str(tmp_path / "deep.png"), 1)
+    assert image.dtype == torch.uint8 and image.shape == (1, 10, 10)
+    assert torch.equal(image[0], torch.from_numpy((pixels >> 8).astype(np.uint8)))

@@ -92,6 +92,7 @@ def decode(path: str, channels: int, resize: Optional[int] = None) -> torch.Tens
     if Path(path).suffix.lower() in FAST_SUFFIXES:
         try:
             image = decode_image(read_file(path), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+            image = TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
         except RuntimeError:
             pass  # PIL reads it again: it decodes some files torchvision.io does not, or names the fault
     if image is None:
