@@ -235,3 +235,11 @@ def test_a_16_bit_png_decodes_to_its_top_8_bits(tmp_path):
     image = decode(str(tmp_path / "deep.png"), 1)
     assert image.dtype == torch.uint8 and image.shape == (1, 10, 10)
     assert torch.equal(image[0], torch.from_numpy((pixels >> 8).astype(np.uint8)))
+
+
+def test_an_index_that_cannot_be_written_is_a_warning_when_streaming(images, tiny_tmpfs, caplog):
+    cache_dir = tiny_tmpfs(4096)
+    (cache_dir / "filler").write_bytes(b"\0" * 4096)
+    data = data_of(images, f"dataset.cache_dir={cache_dir}", "dataset.cache=false")
+    assert isinstance(data.train, HostLoader) and len(data.train) == 3
+    assert "could not write" in caplog.text and "the next run checks the files again" in caplog.text

@@ -109,6 +109,14 @@ class FolderCache:
         return {**index, "arrays": index.get("arrays", False) and all(self.path(f"{name}.npy").is_file()
                                                                       for name in files)}
 
+    def vouch(self, index: dict) -> None:
+        """Save a new index without arrays; a failure to write it costs only the next start's
+        header check, so it is a warning."""
+        try:
+            self.save_index(index)
+        except UserError as e:
+            log.warning(f"{e}; the next run checks the files again")
+
     def save_index(self, index: dict) -> None:
         if self.folder is not None:
             text = json.dumps({**index, "version": VERSION, "resize": self.resize}).encode()

@@ -196,7 +196,7 @@ def image_folder(cfg):
         index = cache.index(files)
         if index is None:  # the files are new or changed: check them, and vouch for them from now on
             index = {"files": files, **_checked(cfg, samples)}
-            cache.save_index(index)
+            cache.vouch(index)
         if _use_cache(cfg, index):
             decoded = cache.splits(index, samples, cfg.num_workers)
             return decoded["train"], decoded["test"], len(classes)
