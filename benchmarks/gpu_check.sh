@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for a few minutes: the CUDA tests, the
-# throughput benchmark and the seconds to 92% Fashion-MNIST test accuracy. Each step has a time
+# throughput benchmark, the seconds to 92% Fashion-MNIST test accuracy and image_folder against
+# the IDX path (its PNGs go to a temporary folder, not OUT). Each step has a time
 # limit, so one that hangs leaves time for the rest; logs and JSON results go into OUT.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT     (DATA_ROOT holds FashionMNIST/raw/*-ubyte)
@@ -35,3 +36,5 @@ step tests "$python" -m pytest -q -rs tests/test_cuda.py tests/test_device.py
 step throughput "$python" benchmarks/throughput.py --root "$root" --device cuda --json "$out/throughput.json"
 step time_to_accuracy "$python" benchmarks/time_to_accuracy.py --root "$root" --device cuda \
     --max-seconds $((limit > 80 ? limit - 40 : limit / 2)) --json "$out/time_to_accuracy.json"
+step image_folder "$python" benchmarks/image_folder.py --root "$root" --pngs "${TMPDIR:-/tmp}/fmnist_png" \
+    --device cuda --json "$out/image_folder.json"

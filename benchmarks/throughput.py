@@ -137,6 +137,15 @@ def bare(args, device, s):
 
 
 def resnet_lab(args, device, s):
+    return lab_pipeline(device, [
+        f"dataset.root={args.root}", "dataset.download=false", f"model.width={args.width}",
+        f"trainer.batch_size={args.batch_size}", f"device.precision={s['precision']}",
+        f"device.channels_last={s['channels_last']}", f"device.compile={s['compile']}"])
+
+
+def lab_pipeline(device, overrides):
+    """resnet_lab's own parts, built from the config with `overrides` as a run builds them:
+    run(steps) -> images trained. Also used by benchmarks/image_folder.py."""
     import torch
     from hydra import compose, initialize_config_module
 
@@ -148,11 +157,7 @@ def resnet_lab(args, device, s):
 
     register_configs()
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"dataset.root={args.root}", "dataset.download=false", f"device={device.type}",
-            f"model.width={args.width}", f"trainer.batch_size={args.batch_size}",
-            f"device.precision={s['precision']}", f"device.channels_last={s['channels_last']}",
-            f"device.compile={s['compile']}"])
+        cfg = compose("config", overrides=[f"device={device.type}", *overrides])
     validate(cfg)
     runtime = device_setup.resolve(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -182,19 +187,27 @@ BUILDERS = {"baseline": baseline, "bare": bare, "resnet_lab": resnet_lab,
 
 
 def child(args) -> None:
-    """Build one pipeline, then answer the parent's commands, one JSON line each."""
+    import torch
+
+    device = torch.device(args.device)
+    serve(lambda: BUILDERS[args.child](args, device, settings(args.child, args.device, args.width)), device)
+
+
+def serve(build, device) -> None:
+    """In a child: build() the pipeline, then answer the parent's commands, one JSON line each;
+    the first says how long build() took."""
     import torch
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the replies
-    device = torch.device(args.device)
-    run = BUILDERS[args.child](args, device, settings(args.child, args.device, args.width))
+    began = time.perf_counter()
+    run = build()
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    replies.write(json.dumps({"ready": True}) + "\n")
+    replies.write(json.dumps({"ready": True, "build_s": time.perf_counter() - began}) + "\n")
     for line in sys.stdin:
         command = json.loads(line)
         if "run" in command:
@@ -254,9 +267,9 @@ class MemoryWatch(threading.Thread):
 
 
 class Child:
-    def __init__(self, name, args):
-        command = [sys.executable, __file__, "--child", name, "--root", args.root, "--device",
-                   args.device, "--width", str(args.width), "--batch-size", str(args.batch_size)]
+    """A pipeline in a process of its own (`command`, which calls serve)."""
+
+    def __init__(self, name, command):
         self.name = name
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -303,28 +316,59 @@ def cpu_ticks():
     return sum(values[:8]), values[7]
 
 
+def watch_conditions():
+    """How busy the machine is from now on: call the result for the numbers so far. Other programs
+    slow every pipeline alike, round by round."""
+    load_start, wait_start, start, ticks_start = os.getloadavg(), cpu_wait_us(), time.monotonic(), cpu_ticks()
+
+    def so_far() -> dict:
+        wait_end, seconds = cpu_wait_us(), time.monotonic() - start
+        ticks = [end - begin for end, begin in zip(cpu_ticks(), ticks_start)]
+        return {
+            "seconds": seconds,
+            "loadavg_start": load_start[0],
+            "loadavg_end": os.getloadavg()[0],
+            "cpu_wait_share": None if wait_start is None else (wait_end - wait_start) / (seconds * 1e6),
+            "cpu_steal_share": ticks[1] / max(ticks[0], 1),
+        }
+
+    return so_far
+
+
+def conditions_line(c: dict) -> str:
+    wait = "" if c["cpu_wait_share"] is None else f", some task waiting for a CPU {c['cpu_wait_share']:.0%} of the time"
+    return (f"{c['seconds']:.0f} s; load average {c['loadavg_start']:.1f} at the start, "
+            f"{c['loadavg_end']:.1f} at the end{wait}; {c['cpu_steal_share']:.0%} of CPU time stolen")
+
+
+def interleave(children: dict, per_round: int, rounds: int, warmup: int):
+    """Warm each child up, then run them in turn, round after round, the order rotating (no fixed
+    neighbours): (the images/s of each round, the warm-up seconds), by name."""
+    names = tuple(children)
+    warm = {name: c.ask({"run": warmup})["seconds"] for name, c in children.items()}
+    rates = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            reply = children[name].ask({"run": per_round})
+            rates[name].append(reply["images"] / reply["seconds"])
+            if name == "baseline":
+                time.sleep(SETTLE_S)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items()),
+              file=sys.stderr, flush=True)
+    return rates, warm
+
+
 def measure(args) -> dict:
-    load_start, wait_start, start = os.getloadavg(), cpu_wait_us(), time.monotonic()
-    ticks_start = cpu_ticks()
-    children = {name: Child(name, args) for name in PIPELINES}
+    conditions = watch_conditions()
+    common = ["--root", args.root, "--device", args.device, "--width", str(args.width),
+              "--batch-size", str(args.batch_size)]
+    children = {name: Child(name, [sys.executable, __file__, "--child", name, *common]) for name in PIPELINES}
     watch = MemoryWatch([c.proc.pid for c in children.values()])
     watch.start()
     for c in children.values():
         c.ask()  # ready
     per_round = args.steps // args.rounds
-    rates = {name: [] for name in PIPELINES}
-    warmup = {}
-    for name, c in children.items():
-        warmup[name] = c.ask({"run": args.warmup})["seconds"]
-    for r in range(args.rounds):
-        order = PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]  # no fixed neighbours
-        for name in order:
-            reply = children[name].ask({"run": per_round})
-            rates[name].append(reply["images"] / reply["seconds"])
-            if name == "baseline":
-                time.sleep(SETTLE_S)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items()),
-              file=sys.stderr, flush=True)
+    rates, warmup = interleave(children, per_round, args.rounds, args.warmup)
     results = {}
     for name, c in children.items():
         final = c.ask({"stop": True})
@@ -341,8 +385,6 @@ def measure(args) -> dict:
             **settings(name, args.device, args.width),
         }
     watch.stopped.set()
-    wait_end, seconds = cpu_wait_us(), time.monotonic() - start
-    ticks = [end - begin for end, begin in zip(cpu_ticks(), ticks_start)]
     speed = {name: r["images_per_s"] for name, r in results.items()}
     return {
         "device": args.device,
@@ -353,13 +395,7 @@ def measure(args) -> dict:
         "steps": per_round * args.rounds,
         "rounds": args.rounds,
         # How busy the machine was: other programs slow every pipeline alike, round by round.
-        "conditions": {
-            "seconds": seconds,
-            "loadavg_start": load_start[0],
-            "loadavg_end": os.getloadavg()[0],
-            "cpu_wait_share": None if wait_start is None else (wait_end - wait_start) / (seconds * 1e6),
-            "cpu_steal_share": ticks[1] / max(ticks[0], 1),
-        },
+        "conditions": conditions(),
         "results": results,
         "ratios": {
             "resnet_lab/bare": speed["resnet_lab"] / speed["bare"],
@@ -380,10 +416,7 @@ def report(out: dict) -> str:
         lines.append(f"{name:<16} {shown:<22} {r['images_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
                      f"{r['main_rss_mb']:>12.0f}{cuda}")
     lines += [f"{k}: {v:.3f}" for k, v in out["ratios"].items()]
-    c = out["conditions"]
-    wait = "" if c["cpu_wait_share"] is None else f", some task waiting for a CPU {c['cpu_wait_share']:.0%} of the time"
-    lines.append(f"{c['seconds']:.0f} s; load average {c['loadavg_start']:.1f} at the start, "
-                 f"{c['loadavg_end']:.1f} at the end{wait}; {c['cpu_steal_share']:.0%} of CPU time stolen")
+    lines.append(conditions_line(out["conditions"]))
     return "\n".join(lines)
 
 

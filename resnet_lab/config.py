@@ -52,11 +52,18 @@ class SyntheticDatasetConfig(DatasetConfig):
 
 @dataclass
 class ImageFolderConfig(DatasetConfig):
-    """Your own images under root; an optional square resize, and loader workers."""
+    """Your own images under root; an optional square resize, loader workers, and the decoded
+    cache (resnet_lab/data/cache.py)."""
 
     root: str = MISSING
     resize: Optional[int] = None
     num_workers: int = 2
+    # auto: decode once into the cache when the decoded images fit cache_max_gb; true; false.
+    # A string: `true` and `false` arrive as "True" and "False", which validate accepts too.
+    cache: str = "auto"
+    # None: <root>/.resnet_lab_cache, or the user's cache folder where root is not writable.
+    cache_dir: Optional[str] = None
+    cache_max_gb: float = 4.0
 
 
 DATASET_KINDS = {"torchvision": TorchvisionDatasetConfig, "synthetic": SyntheticDatasetConfig,
@@ -188,6 +195,7 @@ BOUNDS = {
     "dataset.train_size": (1, True),
     "dataset.test_size": (1, True),
     "dataset.num_workers": (0, True),
+    "dataset.cache_max_gb": (0, True),
     "logger.log_every_steps": (1, True),
 }
 
@@ -225,6 +233,16 @@ def _check_table(cfg: Any) -> None:
             raise UserError(f"{key}={value}: must be {rule}")
 
 
+CACHE_MODES = ("auto", "true", "false")
+
+
+def _check_cache(cfg: Any) -> None:
+    value = OmegaConf.select(cfg, "dataset.cache")
+    if value is not None and str(value).lower() not in CACHE_MODES:
+        raise UserError(f"dataset.cache={value}: must be one of {', '.join(CACHE_MODES)}"
+                        f"{closest(str(value).lower(), CACHE_MODES)}")
+
+
 def validate(cfg: Any, world_size: int = 1) -> None:
     """Every check of the config's values, before any data is read: a UserError naming the key,
     the bad value and what is allowed. Types and key names are OmegaConf's (while Hydra
@@ -233,6 +251,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     those are known. `world_size`: the ranks this run trains on."""
     _check_finite(cfg)
     _check_table(cfg)
+    _check_cache(cfg)
     check_architecture(architecture(cfg.model))
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(

@@ -30,28 +30,35 @@ def format_epoch(m: Dict[str, float], epochs: int) -> str:
             f"{m['seconds']:.1f} s  {m['images_per_s']:.0f} img/s")
 
 
-class EpochProgress:
-    """A transient progress bar over one epoch's steps; nothing at all when not on a terminal."""
+class ProgressBar:
+    """A transient progress bar; nothing at all when not on a terminal."""
 
-    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, start: int = 0):
+    def __init__(self, enabled: bool, label: str, total: int, start: int = 0):
         self.bar = None
         if enabled and sys.stdout.isatty():
-            self.bar = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(),
-                                MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-            self.task = self.bar.add_task("train", total=total, completed=start)
+            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                transient=True)
+            self.task = self.bar.add_task(label, total=total, completed=start)
 
     def __enter__(self):
         if self.bar is not None:
             self.bar.start()
         return self
 
-    def advance(self) -> None:
+    def advance(self, n: int = 1) -> None:
         if self.bar is not None:
-            self.bar.advance(self.task)
+            self.bar.advance(self.task, n)
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
+
+
+class EpochProgress(ProgressBar):
+    """The bar over one epoch's steps."""
+
+    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, start: int = 0):
+        super().__init__(enabled, f"epoch {epoch}/{epochs}", total, start)
 
 
 class MetricsFile:

@@ -6,6 +6,7 @@ so, then for each epoch train it (calling `after_step` after every step) and end
 save). Per-step features are `engine.Callback`s, passed to the loop beside the trainer itself.
 """
 
+import contextlib
 import logging
 import os
 import random
@@ -128,7 +129,7 @@ class Trainer(Callback):
         # one; a new folder started from another run's checkpoint gets a W&B run of its own. The
         # tracker closes before the signals are handed back (to submitit's requeue, under SLURM).
         own_run_id = self.state.wandb_run_id if self.plan.own else None
-        with StopSignals() as self.signals, \
+        with contextlib.closing(self.data), StopSignals() as self.signals, \
                 Tracker(self.run_dir, self.cfg, resume_id=own_run_id, rank=self.ranks.rank,
                         identity=self.identity) as self.tracker:
             for _ in range(self.state.epoch, self.cfg.trainer.epochs + 1):

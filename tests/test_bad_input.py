@@ -19,7 +19,7 @@ from PIL import Image
 from resnet_lab import checkpoint
 from resnet_lab.__main__ import main
 from resnet_lab.data import build_data
-from resnet_lab.data.sources import _image_sizes, read_image
+from resnet_lab.data.images import decode, headers
 from resnet_lab.errors import UserError
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
@@ -193,7 +193,8 @@ def test_unreadable_image_is_named_before_training(kind, tmp_path, monkeypatch, 
 
 
 def test_truncated_training_image_is_named_before_training(tmp_path, monkeypatch, capsys):
-    # A truncated file opens; the sample that sets the normalisation reads it whole.
+    # A truncated file opens; decoding the cache reads it whole (streaming: the sample that sets
+    # the normalisation).
     images = write_split_folder(tmp_path / "images")
     bad = images / "train" / "c0" / "3.jpg"
     truncate_image_data(bad)
@@ -204,9 +205,11 @@ def test_truncated_training_image_is_named_before_training(tmp_path, monkeypatch
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_image_that_goes_bad_is_named_when_read(kind, workers, tmp_path):
-    # The header pass has passed it; the file goes bad before a loader (or its worker) reads it.
+    # The header check has passed it; the file goes bad before a streaming loader (or its worker)
+    # reads it.
     images = write_split_folder(tmp_path / "images")
-    cfg = tiny_cfg(images, "dataset=image_folder", f"dataset.num_workers={workers}", "trainer.eval_batch_size=4")
+    cfg = tiny_cfg(images, "dataset=image_folder", f"dataset.num_workers={workers}", "trainer.eval_batch_size=4",
+                   "dataset.cache=false")
     data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), seed=0)
     suffix, damage, words = DAMAGE[kind]
     bad = images / "test" / "c1" / f"0{suffix}"
@@ -233,7 +236,7 @@ def test_image_without_read_permission_is_named():
                     os.setgid(65534)
                     os.setuid(65534)
                 said = []
-                for read in (lambda p: _image_sizes([p]), read_image):  # the header pass, the loader
+                for read in (lambda p: headers([p]), lambda p: decode(p, 3)):  # the header check, the loader
                     try:
                         read(str(bad))
                         said.append("read")
@@ -264,7 +267,8 @@ def image_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_path, monkeypatch, capsys):
-    # Epoch 2 trains, then evaluation meets the truncated file before last.pt is rewritten.
+    # Epoch 2 trains, then evaluation meets the truncated file before last.pt is rewritten (when
+    # decoding while training: a decoded cache would be rebuilt, and meet it before training).
     shutil.copytree(image_run, tmp_path / "copy")
     images, run_dir = tmp_path / "copy" / "images", tmp_path / "copy" / "run"
     bad = images / "test" / "c0" / "1.png"
@@ -272,7 +276,7 @@ def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_p
     kept = {name: (run_dir / name).read_bytes() for name in
             ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl")}
     args = [f"dataset.root={images}", "dataset=image_folder", *RUN, "logger=none", "trainer.batch_size=8",
-            "trainer.epochs=2", f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"]
+            "trainer.epochs=2", f"dataset.num_workers={workers}", "dataset.cache=false", f"hydra.run.dir={run_dir}"]
     if workers:
         # In its own process: the workers must not keep it from exiting.
         done = subprocess.run([sys.executable, "-m", "resnet_lab", *for_kind(args)], capture_output=True, text=True,

@@ -149,11 +149,11 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 30) -> Pat
 
 
 def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path):
-    # image_folder has loader workers: the SIGTERM a scheduler sends to every process of the job
-    # must not kill them under the main process's last step.
+    # image_folder decoding while training has loader workers: the SIGTERM a scheduler sends to
+    # every process of the job must not kill them under the main process's last step.
     images = write_image_folder(tmp_path / "images")
     args = [f"dataset.root={images}", "dataset=image_folder", *TINY, "trainer.batch_size=9",
-            "trainer.limit_train_batches=0", "trainer.epochs=1"]
+            "trainer.limit_train_batches=0", "trainer.epochs=1", "dataset.cache=false"]
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     train(tiny_cfg(*args, "dataset.num_workers=0", "trainer.checkpoint_every_steps=0"), reference_dir)

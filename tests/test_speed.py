@@ -114,8 +114,8 @@ def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(fmnist_root), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert [line.split()[0] for line in (out / "status.txt").read_text().splitlines()] == \
-        ["tests", "throughput", "time_to_accuracy"], proc.stdout[-3000:]
+        ["tests", "throughput", "time_to_accuracy", "image_folder"], proc.stdout[-3000:]
     if not torch.cuda.is_available():
-        assert (out / "status.txt").read_text() == "tests 0\nthroughput 1\ntime_to_accuracy 1\n"
+        assert (out / "status.txt").read_text() == "tests 0\nthroughput 1\ntime_to_accuracy 1\nimage_folder 1\n"
         assert "needs a CUDA GPU" in (out / "tests.log").read_text()
         assert "no CUDA device" in (out / "throughput.log").read_text()

@@ -20,17 +20,24 @@ class Data:
     num_classes: int
     normalizer: Normalizer  # the loaders' own: its memory_format is the batches'
 
+    def close(self) -> None:
+        self.train.close()
+        self.test.close()
+
 
 def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
     train, test, num_classes = DATASETS.get(cfg.name)(cfg)
-    if isinstance(train, TensorSplit):
+    if isinstance(train, TensorSplit) and cfg.name != "image_folder":
         stats_images = train.images
     else:
+        # A fixed sample, read from the files or from image_folder's decoded cache alike: either
+        # way a run normalises by the same numbers (a resumed run may switch dataset.cache).
         sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
-        stats_images = torch.stack([train[i][0] for i in sample.tolist()])
+        stats_images = (train.images[sample] if isinstance(train, TensorSplit)
+                        else torch.stack([train[i][0] for i in sample.tolist()]))
     if trainer.batch_size > len(train):
         raise UserError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(train)} "
                         f"training images of dataset {cfg.name}")

@@ -6,7 +6,9 @@ global batch as for one rank, and rank r takes its contiguous part of it: N rank
 would, and each batch stays a pure function of (seed, epoch, batch index, rank).
 """
 
+import atexit
 import signal
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -126,6 +128,9 @@ class Loader:
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the loader holds beyond its data (HostLoader: its workers)."""
+
 
 class DeviceLoader(Loader):
     """The whole split lives on the device as uint8: a batch is one indexing op, no host work."""
@@ -149,23 +154,58 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+class _EpochBatches:
+    """A HostLoader's batch sampler, given each epoch's batches before its DataLoader is iterated:
+    one DataLoader, and its workers, serve every epoch."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# HostLoaders whose workers may be alive: ended before Python's exit, where multiprocessing would
+# wait forever for workers that ignore its SIGTERM. The hook is registered once workers have
+# started, after multiprocessing's own (atexit runs the last registered first).
+_WITH_WORKERS = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for loader in list(_WITH_WORKERS):
+        loader.close()
+
+
+def _end_workers_at_exit(loader: "HostLoader") -> None:
+    atexit.unregister(_close_all)  # registered once, and last
+    atexit.register(_close_all)
+    _WITH_WORKERS.add(loader)
+
+
 class HostLoader(Loader):
-    """A DataLoader over files (image_folder): workers decode to uint8, the device normalises."""
+    """A DataLoader over files (image_folder): workers, kept from epoch to epoch, decode to uint8;
+    the device normalises and augments."""
 
     def __init__(self, dataset, batch_size: int, normalizer: Normalizer, num_workers: int = 0, **kw):
         super().__init__(len(dataset), batch_size, normalizer, **kw)
         self.dataset, self.num_workers = dataset, num_workers
+        self.sampler = _EpochBatches()
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=num_workers,
+            pin_memory=normalizer.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+            persistent_workers=num_workers > 0,
+        )
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         order = self.order(epoch)
-        batches = [self.indices(order, i).tolist() for i in range(start, len(self))]
+        self.sampler.batches = batches = [self.indices(order, i).tolist() for i in range(start, len(self))]
         device = self.normalize.device
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches,
-            num_workers=self.num_workers, pin_memory=device.type == "cuda",
-            worker_init_fn=_ignore_stop_signals,
-        )
-        batch_iter = iter(loader)
+        batch_iter = iter(self.loader)
+        if self.num_workers:
+            _end_workers_at_exit(self)
         try:
             for batch in batches:
                 try:
@@ -178,8 +218,14 @@ class HostLoader(Loader):
                             self.dataset[i]
                     raise
                 yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        finally:
-            if self.num_workers:
-                # The workers ignore SIGTERM, so Python's exit cannot end them: while a traceback
-                # holds this iterator, exiting would wait for them forever. End them now.
-                batch_iter._shutdown_workers()
+        except BaseException:
+            # An error, or an epoch left before its end (a stop): end the workers now, for a
+            # traceback may hold this iterator past Python's exit. The next epoch starts new ones.
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the workers, if any are running."""
+        if self.loader._iterator is not None:
+            self.loader._iterator._shutdown_workers()
+            self.loader._iterator = None

@@ -1,28 +1,33 @@
 """Dataset registry entries: each reads its files once and returns the train and test splits.
 
 The small datasets come back as uint8 tensors (TensorSplit), to live on the training device;
-image_folder comes back as torchvision datasets, decoded by DataLoader workers.
+image_folder too when its decoded cache is used, else as datasets of files that DataLoader
+workers decode.
 """
 
 import contextlib
 import io
+import logging
 import math
 import os
 import struct
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from torchvision import datasets, transforms
+from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from resnet_lab.data.cache import FolderCache, fingerprint
+from resnet_lab.data.images import FileSplit, Sample, has_images, headers, list_classes
 from resnet_lab.data.loader import TensorSplit
 from resnet_lab.errors import UserError
 from resnet_lab.registry import Registry
 
+log = logging.getLogger("resnet_lab")
+
 DATASETS = Registry("dataset")
 
-IMAGE_SUFFIXES = set(datasets.folder.IMG_EXTENSIONS)  # the files ImageFolder reads
 IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # by the IDX type code
 
 
@@ -133,87 +138,67 @@ def synthetic(cfg):
     return split(cfg.train_size), split(cfg.test_size), cfg.num_classes
 
 
-def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
-
-
-@contextlib.contextmanager
-def _reading(path: str):
-    """Turns a failure to read an image file into one line: which file, what is wrong with it."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError... on bad bytes)
-        fix = "replace it with a good copy or delete it"
-        if isinstance(e, PermissionError):
-            problem, fix = "no permission to read it", "make it readable (chmod a+r) or delete it"
-        elif isinstance(e, OSError) and e.strerror:  # open() failed: a broken link, a folder, ...
-            problem = e.strerror
-        elif os.path.getsize(path) == 0:
-            problem = "the file is empty (0 bytes)"
-        elif isinstance(e, UnidentifiedImageError):
-            problem = "not an image file (PIL cannot identify it)"
-        else:  # the decoder ran out of bytes, or met bad ones
-            problem = f"truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        raise UserError(f"dataset image_folder: cannot read {path}: {problem}; {fix}") from e
-
-
-def read_image(path: str):
-    """torchvision's default loader (PIL, as RGB), with one line naming a file it cannot read."""
-    with _reading(path):
-        return datasets.folder.default_loader(path)
-
-
-def _image_sizes(paths: List[str]) -> dict:
-    """Each image size found, with a file of that size. Opening every file's header (about 20 us
-    a file here, where decoding a 500x375 JPEG takes 0.6 ms) finds empty, non-image and
-    unreadable files before training does; truncated ones are found when read."""
-    from PIL import Image
-
-    sizes = {}
-    for path in paths:
-        with _reading(path), Image.open(path) as im:
-            sizes.setdefault(im.size, path)
-    return sizes
-
-
-def _classes(folder: Path, transform) -> datasets.ImageFolder:
-    try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
-    except FileNotFoundError as e:  # no class folders, or one without images: torchvision says which
-        raise UserError(f"dataset image_folder: {e} (in {folder}); it must hold <class>/<image> files, "
-                        f"each class folder at least one image") from e
-
-
-@DATASETS.register()
-def image_folder(cfg):
-    """root/class/*.png, or root/train/class/... with root/test (or root/val) beside it."""
-    root = Path(cfg.root)
+def _split_samples(root: Path) -> Tuple[List[str], Dict[str, List[Sample]]]:
+    """The classes, and the train and test splits' files: root/train beside root/test (or
+    root/val), or root alone with a fixed 10% held out."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     train_dir = root / "train" if test_dir is not None and (root / "train").is_dir() else root
-    if not _has_images(train_dir):
+    if not has_images(train_dir):
         raise UserError(f"dataset image_folder: no images under {train_dir} "
                         f"(expected {train_dir}/<class>/<image>.png)")
-    steps = [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
-    transform = transforms.Compose(steps + [transforms.PILToTensor()])
-    train = _classes(train_dir, transform)
-    num_classes = len(train.classes)
-    test = None
-    if test_dir is not None:
-        test = _classes(test_dir, transform)
-        if test.classes != train.classes:
-            raise UserError(f"dataset image_folder: {test_dir} has classes {test.classes}, "
-                            f"{train_dir} has {train.classes}; they must match")
-    sizes = _image_sizes([path for ds in (train, test) if ds is not None for path, _ in ds.samples])
+    classes, train = list_classes(train_dir)
+    if test_dir is None:
+        # No test split on disk: hold out a fixed 10% (at least one image), the same every run.
+        n_test = max(1, len(train) // 10)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        return classes, {"train": [train[i] for i in perm[n_test:]], "test": [train[i] for i in perm[:n_test]]}
+    test_classes, test = list_classes(test_dir)
+    if test_classes != classes:
+        raise UserError(f"dataset image_folder: {test_dir} has classes {test_classes}, "
+                        f"{train_dir} has {classes}; they must match")
+    return classes, {"train": train, "test": test}
+
+
+def _checked(cfg, samples: Dict[str, List[Sample]]) -> Dict:
+    """The header check's findings, for the index: the channels and size the images decode to."""
+    sizes, channels = headers([path for split in samples.values() for path, _ in split])
     if cfg.resize is None and len(sizes) > 1:
         shown = ", ".join(f"{w}x{h} ({os.path.basename(p)})" for (w, h), p in list(sizes.items())[:3])
         raise UserError(f"dataset image_folder: images of different sizes: {shown}; "
                         f"set dataset.resize=<pixels> to resize them all to one square size")
-    if test is None:
-        # No test split on disk: hold out a fixed 10% (at least one image), the same every run.
-        n_test = max(1, len(train) // 10)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-        train, test = (torch.utils.data.Subset(train, perm[n_test:]),
-                       torch.utils.data.Subset(train, perm[:n_test]))
-    return train, test, num_classes
+    (width, height), = sizes if cfg.resize is None else [(cfg.resize, cfg.resize)]
+    return {"channels": channels, "size": [height, width]}
+
+
+def _use_cache(cfg, index: Dict) -> bool:
+    """dataset.cache: true, false, or auto: whether the decoded images fit dataset.cache_max_gb."""
+    mode = str(cfg.cache).lower()
+    if mode != "auto":
+        return mode == "true"
+    images = sum(len(files) for files in index["files"].values())
+    gb = images * index["channels"] * math.prod(index["size"]) / 1e9
+    if gb <= cfg.cache_max_gb:
+        return True
+    log.info(f"image_folder: the {images:,} images decoded take {gb:.1f} GB, over dataset.cache_max_gb="
+             f"{cfg.cache_max_gb}: decoding them while training")
+    return False
+
+
+@DATASETS.register()
+def image_folder(cfg):
+    """root/class/*.png, or root/train/class/... with root/test (or root/val) beside it: decoded
+    once into the cache (resnet_lab.data.cache), or by the loader's workers while training."""
+    root = Path(cfg.root)
+    classes, samples = _split_samples(root)
+    cache = FolderCache(root, cfg.resize, cfg.cache_dir)
+    with cache.locked():
+        files = {name: fingerprint(root, split) for name, split in samples.items()}
+        index = cache.index(files)
+        if index is None:  # the files are new or changed: check them, and vouch for them from now on
+            index = {"files": files, **_checked(cfg, samples)}
+            cache.vouch(index)
+        if _use_cache(cfg, index):
+            decoded = cache.splits(index, samples, cfg.num_workers)
+            return decoded["train"], decoded["test"], len(classes)
+    return (FileSplit(samples["train"], index["channels"], cfg.resize),
+            FileSplit(samples["test"], index["channels"], cfg.resize), len(classes))
