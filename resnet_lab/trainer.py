@@ -258,9 +258,8 @@ class Trainer(Callback):
     def finish(self) -> None:
         """The final weights (model.pt), and the run's summary and status."""
         if self.cfg.trainer.save_weights and self.main:
-            # CPU tensors: the weights load anywhere, without a map_location.
-            weights = {k: v.cpu() for k, v in self.model.state_dict().items()}
-            checkpoint.write_file(self.run_dir / "model.pt", lambda f: torch.save(weights, f),
-                                  after=f", then run again to write it from {checkpoint.LAST}")
+            # The final weights are those of the last checkpoint (every epoch's end writes one).
+            self.checkpoints.publish(self.run_dir / "model.pt",
+                                     after=f", then run again to write it from {checkpoint.LAST}")
             self.tracker.weights(self.run_dir / "model.pt")
         self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})
