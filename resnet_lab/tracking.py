@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 # writing last.pt). A run killed outright stays
 # "running", which is how `compare` tells an interrupted run from a finished one.
 STATUS_FILE = "status"
+EVAL_FOLDER = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -177,6 +178,19 @@ class Tracker:
         self.metrics.write(metrics)
         if self.wandb is not None:
             self.wandb.log({"global_step": self.global_step, **metrics})
+
+    def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
+        """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
+        eval/final_confusion.csv, and W&B's charts of them."""
+        from resnet_lab import confusion
+        from resnet_lab.checkpoint import write_file  # which imports this module
+
+        report = confusion.report(matrix, classes)
+        folder = self.run_dir / EVAL_FOLDER
+        write_file(folder / "final.json", lambda f: f.write(confusion.json_bytes(report)))
+        write_file(folder / "final_confusion.csv", lambda f: f.write(confusion.csv_text(matrix, classes).encode()))
+        if self.wandb is not None:
+            self.wandb.log({"global_step": self.global_step, **confusion.wandb_charts(matrix, classes, "final")})
 
     def weights(self, path: Path) -> None:
         """The final weights, kept as a W&B artifact when logger.log_weights is on."""

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab.confusion import Confusion
 from resnet_lab.data import build_data
 from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
@@ -111,6 +112,7 @@ class Trainer(Callback):
         self.state = State()
         self.began = time.perf_counter()  # minus the seconds of the parts before a resume
         self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
+        self.confusion: Optional[Confusion] = None  # of the last evaluation, for the run's final report
         self.callbacks = [self]  # the order of engine.Callback; features go before the trainer
 
     def run(self) -> float:
@@ -222,7 +224,9 @@ class Trainer(Callback):
         """The epoch's row: its training totals, the test metrics, the learning rate and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
-        return {"epoch": self.state.epoch, **whole.metrics(), **evaluate(self.forward, self.data.test, self.runtime),
+        self.confusion = Confusion(self.data.num_classes, self.runtime.device)
+        tested = evaluate(self.forward, self.data.test, self.runtime, keep=self.confusion.add)
+        return {"epoch": self.state.epoch, **whole.metrics(), **tested,
                 "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
 
     def check_finite(self) -> None:
@@ -256,7 +260,12 @@ class Trainer(Callback):
         return Stopped(signum)
 
     def finish(self) -> None:
-        """The final weights (model.pt), and the run's summary and status."""
+        """The final weights (model.pt), the last evaluation's confusion matrix (eval/final.*),
+        and the run's summary and status."""
+        if self.confusion is not None:  # None when a resumed run had no epoch left to train
+            matrix = self.confusion.matrix()
+            if self.main:
+                self.tracker.final_report(matrix, self.data.classes)
         if self.cfg.trainer.save_weights and self.main:
             # The final weights are those of the last checkpoint (every epoch's end writes one).
             self.checkpoints.publish(self.run_dir / "model.pt",

@@ -2,6 +2,7 @@
 
 import functools
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -17,7 +18,12 @@ class Data:
     train: Loader
     test: Loader
     in_channels: int
-    num_classes: int
+    classes: List[str]
+    normalizer: Normalizer  # the run's preprocessing, for predict and export to repeat
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
@@ -25,7 +31,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
-    train, test, num_classes = DATASETS.get(cfg.name)(cfg)
+    train, test, classes = DATASETS.get(cfg.name)(cfg)
     if isinstance(train, TensorSplit):
         stats_images = train.images
     else:
@@ -47,7 +53,8 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
         test=make(test, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
                   limit=trainer.limit_eval_batches, **shard),
         in_channels=stats_images.shape[1],
-        num_classes=num_classes,
+        classes=classes,
+        normalizer=normalizer,
     )
 
 

@@ -1,4 +1,5 @@
-"""Dataset registry entries: each reads its files once and returns the train and test splits.
+"""Dataset registry entries: each reads its files once and returns the train and test splits
+and the class names.
 
 The small datasets come back as uint8 tensors (TensorSplit), to live on the training device;
 image_folder comes back as torchvision datasets, decoded by DataLoader workers.
@@ -81,8 +82,8 @@ def _damaged(cls, folder: str, files: list) -> List[str]:
     return [f"{name} ({problem})" for name, problem in problems.items() if problem]
 
 
-def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
-    """One split as uint8 N x C x H x W, and the number of classes."""
+def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, List[str]]:
+    """One split as uint8 N x C x H x W, and the class names."""
     folder, files = _expected_files(cls, cfg.root)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         _fetch(cls, cfg, folder, files)
@@ -103,13 +104,13 @@ def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
             f"and download again"
         ) from e
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    return TensorSplit(images.contiguous(), labels), len(ds.classes)
+    return TensorSplit(images.contiguous(), labels), list(ds.classes)
 
 
 def _torchvision(name: str, cls):
     def load(cfg):
-        (train, num_classes), (test, _) = _load(cls, cfg, True), _load(cls, cfg, False)
-        return train, test, num_classes
+        (train, classes), (test, _) = _load(cls, cfg, True), _load(cls, cfg, False)
+        return train, test, classes
 
     DATASETS.register(name)(load)
 
@@ -130,7 +131,7 @@ def synthetic(cfg):
                                dtype=torch.uint8, generator=gen)
         return TensorSplit(images, torch.randint(0, cfg.num_classes, (n,), generator=gen))
 
-    return split(cfg.train_size), split(cfg.test_size), cfg.num_classes
+    return split(cfg.train_size), split(cfg.test_size), [str(i) for i in range(cfg.num_classes)]
 
 
 def _has_images(folder: Path) -> bool:
@@ -198,7 +199,7 @@ def image_folder(cfg):
     steps = [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
     transform = transforms.Compose(steps + [transforms.PILToTensor()])
     train = _classes(train_dir, transform)
-    num_classes = len(train.classes)
+    classes = train.classes
     test = None
     if test_dir is not None:
         test = _classes(test_dir, transform)
@@ -216,4 +217,4 @@ def image_folder(cfg):
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
         train, test = (torch.utils.data.Subset(train, perm[n_test:]),
                        torch.utils.data.Subset(train, perm[:n_test]))
-    return train, test, num_classes
+    return train, test, classes
