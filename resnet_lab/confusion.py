@@ -19,7 +19,8 @@ class Confusion:
         self.num_classes = num_classes
         self.counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """engine.evaluate's `keep` (the inputs are not needed)."""
         pairs = y * self.num_classes + logits.argmax(1)
         self.counts += torch.bincount(pairs, minlength=self.counts.numel())
 

@@ -118,9 +118,9 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
 
 
 def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime,
-             keep: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> Dict[str, float]:
-    """The test loss and accuracy; `keep`, when given, sees each batch's logits and labels (a
-    confusion matrix counts them, evaluate keeps the probabilities) on the device."""
+             keep: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> Dict[str, float]:
+    """The test loss and accuracy; `keep`, when given, sees each batch's inputs, logits and labels
+    on the device (a confusion matrix counts them; `python -m resnet_lab.evaluate` keeps more)."""
     model.eval()
     totals = RunningTotals(runtime.device)
     # A compiled model that alternates between inference mode and training can fail
@@ -131,5 +131,5 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime,
                 logits = model(x)
             totals.add(step, F.cross_entropy(logits.float(), y), logits, y)
             if keep is not None:
-                keep(logits, y)
+                keep(x, logits, y)
     return totals.reduced().metrics("test")

@@ -237,3 +237,31 @@ class Tracker:
             # A status the full disk could not take says less than the error that ended the run.
             if exc is None:
                 raise
+
+
+def log_evaluation(cfg: DictConfig, run_dir: Path, name: str, report: Dict, wrong: List[list]) -> None:
+    """An evaluation as a W&B run of its own (job_type=eval) in the training run's group (its
+    W&B id when it had none): its numbers as the summary, the confusion-matrix and per-class
+    charts, and a table of the most confidently wrong images (`wrong`: rows of an H x W x C
+    uint8 array, true class, predicted class, confidence)."""
+    import torch
+    import wandb
+
+    from resnet_lab import checkpoint, confusion
+
+    mode = choose_mode(cfg.logger.mode)
+    if mode == "disabled":
+        return
+    last = Path(run_dir) / checkpoint.FOLDER / checkpoint.LAST
+    train_id = torch.load(last, weights_only=True).get("wandb_run_id") if last.is_file() else None
+    run = wandb.init(dir=run_dir, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
+                     group=train_id or Path(run_dir).name, name=f"eval-{name}", job_type="eval",
+                     tags=list(cfg.logger.tags), config={**OmegaConf.to_container(cfg, resolve=True),
+                                                         "train_run_id": train_id, "eval_name": name})
+    table = wandb.Table(columns=["image", "true", "predicted", "confidence"],
+                        data=[[wandb.Image(image), *rest] for image, *rest in wrong])
+    run.log({**confusion.wandb_charts(report["confusion_matrix"], report["classes"], "eval"), "eval/wrong": table})
+    run.summary.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
+    run.finish()
+    if run.offline:
+        log.info(f"W&B run saved offline; upload it with: wandb sync {run.sync_dir}")

@@ -26,7 +26,7 @@ from resnet_lab.confusion import Confusion
 from resnet_lab.data import build_data
 from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.models import build_model
+from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
 from resnet_lab.resume import Plan
@@ -82,13 +82,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks):
+def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks, fresh: bool = True):
     """The parts of a run, for this rank: its data, the bare model (the optimizer and checkpoints
     hold it, so a DDP checkpoint resumes in one process), the model that trains (under DDP and
-    compiled, as asked), the optimizer, the schedule and the grad scaler."""
+    compiled, as asked), the optimizer, the schedule and the grad scaler. A `fresh` run starts
+    from model.init's weights, if set (a resumed one from its checkpoint's)."""
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
                       ranks.rank, ranks.world_size)
-    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
+    model = build_model(cfg.model, data.in_channels, data.num_classes)
+    if fresh and cfg.model.init:
+        weights.init(model, Path(cfg.model.init))
+    model = runtime.prepare(model)
     if cfg.device.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     parallel = model
@@ -145,7 +149,7 @@ class Trainer(Callback):
         # and the batches are a function of cfg.seed alone.
         seed_everything(self.cfg.seed + self.ranks.rank, self.cfg.trainer.deterministic)
         (self.data, self.model, self.forward, self.optimizer, self.scheduler,
-         self.scaler) = build(self.cfg, self.runtime, self.ranks)
+         self.scaler) = build(self.cfg, self.runtime, self.ranks, fresh=self.plan.action == "fresh")
         self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
                                                    self.scheduler, self.scaler, self.runtime.device)
         self.steps = len(self.data.train)
