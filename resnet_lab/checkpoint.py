@@ -33,7 +33,6 @@ FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
         "metrics", "rng", "config", "wandb_run_id")  # and "elapsed", which older ones lack
-SHOWN = 3  # differing keys named in a message
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.
 HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
@@ -144,19 +143,10 @@ def _load_weights(weights: Path, path: Path) -> Dict:
                         f"trainer.resume=none") from e
 
 
-def _some(items: List[str]) -> str:
-    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return ", ".join(items[:SHOWN]) + more
-
-
 def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict) -> None:
-    own = model.state_dict()
-    shapes = [f"{k} {list(saved[k].shape)} there, {list(v.shape)} here" for k, v in own.items()
-              if k in saved and saved[k].shape != v.shape]
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    problems = [f"{label}: {_some(keys)}" for label, keys in
-                (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    from resnet_lab.models.weights import differences
+
+    problems = differences(model, saved)
     if problems:
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); it was saved "
                         f"by model={saved_cfg['model']['name']} dataset={saved_cfg['dataset']['name']}: "

@@ -89,6 +89,14 @@ def load(run_dir: Path, choice: str, overrides: Sequence[str]) -> Trained:
     return Trained(run_dir, cfg, runtime, data, runtime.prepare(model).eval(), path)
 
 
+def sample_images(data: Data, n: int) -> torch.Tensor:
+    """The first n test images as the model's input before normalisation: uint8 N x C x H x W."""
+    loader = data.test
+    if hasattr(loader, "images"):  # on the device already
+        return loader.images[:n].cpu()
+    return torch.stack([loader.dataset[i][0] for i in range(min(n, loader.num_samples))])
+
+
 def _short(classes: List[str]) -> str:
     return "[" + ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "") + "]"
 

@@ -139,8 +139,9 @@ def _has_images(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _reading(path: str):
-    """Turns a failure to read an image file into one line: which file, what is wrong with it."""
+def reading(path: str, what: str = "dataset image_folder"):
+    """Turns a failure to read an image file into one line: which file, what is wrong with it;
+    `what`: who was reading it."""
     from PIL import UnidentifiedImageError
 
     try:
@@ -157,12 +158,12 @@ def _reading(path: str):
             problem = "not an image file (PIL cannot identify it)"
         else:  # the decoder ran out of bytes, or met bad ones
             problem = f"truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        raise UserError(f"dataset image_folder: cannot read {path}: {problem}; {fix}") from e
+        raise UserError(f"{what}: cannot read {path}: {problem}; {fix}") from e
 
 
 def read_image(path: str):
     """torchvision's default loader (PIL, as RGB), with one line naming a file it cannot read."""
-    with _reading(path):
+    with reading(path):
         return datasets.folder.default_loader(path)
 
 
@@ -174,7 +175,7 @@ def _image_sizes(paths: List[str]) -> dict:
 
     sizes = {}
     for path in paths:
-        with _reading(path), Image.open(path) as im:
+        with reading(path), Image.open(path) as im:
             sizes.setdefault(im.size, path)
     return sizes
 

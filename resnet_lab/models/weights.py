@@ -64,15 +64,20 @@ def _some(keys: List[str]) -> str:
     return ", ".join(keys[:SHOWN]) + more
 
 
-def check_fits(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-    """One line naming the keys whose shapes differ, are missing or are not the model's."""
+def differences(model: nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:
+    """What keeps `state` from loading into model: the keys whose shapes differ, that are missing
+    or that are not the model's, a few of each."""
     own = model.state_dict()
     shapes = [f"{k} {list(state[k].shape)} there, {list(v.shape)} here" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    problems = [f"{label}: {_some(keys)}" for label, keys in
-                (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    return [f"{label}: {_some(keys)}" for label, keys in
+            (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+
+
+def check_fits(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
+    problems = differences(model, state)
     if problems:
         raise UserError(f"{path} does not fit this model ({'; '.join(problems)}); {FIXES}")
 
