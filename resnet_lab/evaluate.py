@@ -104,7 +104,7 @@ def wrong_grid_png(images: List[torch.Tensor], kept: Kept, classes: List[str]) -
     for ax, image, y, p, c in zip(axes.flat, images, kept.worst["y"].tolist() if images else [],
                                   kept.worst["pred"].tolist() if images else [],
                                   kept.worst["confidence"].tolist() if images else []):
-        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.imshow((image.squeeze(-1) if image.shape[-1] == 1 else image).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"true {classes[y]}\npred {classes[p]} {c:.2f}", fontsize=8)
     if not images:
         fig.text(0.5, 0.5, "no wrong predictions", ha="center")

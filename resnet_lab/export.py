@@ -12,6 +12,7 @@ that check passes.
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
@@ -60,8 +61,11 @@ def onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
     except ImportError as e:
         raise UserError(f"--format onnx needs the packages onnx and onnxruntime ({e.name} is missing): "
                         f"pip install 'resnet_lab[onnx]'") from e
-    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter needs no onnxscript; torch warns that it is not the default.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
