@@ -243,3 +243,16 @@ def test_export_without_its_package(run_dir, tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip() == ("error: --format onnx needs the packages onnx and onnxruntime (onnx "
                                          "is missing): pip install 'resnet_lab[onnx]'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(run_dir, monkeypatch, capsys):
+    from tests.wandb_file import read_run
+
+    code, _, err = command(evaluate, [run_dir, "logger=wandb", "logger.mode=offline", "name=wb"], monkeypatch, capsys)
+    assert code == 0, err
+    run = read_run(run_dir)  # the training run logged nothing (logger=none): this is the evaluation
+    report = json.loads((run_dir / "eval" / "wb.json").read_text())
+    assert run.run.job_type == "eval" and run.run.display_name == "eval-wb" and run.run.run_group == run_dir.name
+    assert run.summary["accuracy"] == report["accuracy"] and run.summary["top5_accuracy"] == report["top5_accuracy"]
+    tables = sorted(a.name.split("-")[2] for a in run.artifacts if a.type == "run_table")
+    assert tables == ["evalconfusion_matrix_table", "evalper_class_accuracy_table", "evalwrong"]
