@@ -110,8 +110,8 @@ def set_rng_states(states: Dict, device: torch.device) -> None:
 
 def load(path: Path) -> Dict:
     if not path.is_file():
-        raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a "
-                        f"{LAST} or {BEST}, or trainer.resume=none to start afresh")
+        raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a run's "
+                        f"{FOLDER}/{LAST}, or trainer.resume=none to start afresh")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)

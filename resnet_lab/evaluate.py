@@ -38,7 +38,7 @@ class Kept:
     preds: List[torch.Tensor] = field(default_factory=list)
     confidences: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
-    top5: int = 0
+    top5: int = 0  # images whose class is among the 5 likeliest (a device tensor once counted)
 
     def __post_init__(self):
         self.confusion = confusion.Confusion(self.num_classes, self.device)
@@ -51,7 +51,7 @@ class Kept:
         self.confidences.append(confidence)
         self.labels.append(y)
         if self.num_classes > 5:
-            self.top5 += int((logits.topk(5, 1).indices == y[:, None]).any(1).sum())
+            self.top5 = self.top5 + (logits.topk(5, 1).indices == y[:, None]).any(1).sum()
         wrong = pred != y
         batch = {"confidence": confidence[wrong], "x": x[wrong].float(), "y": y[wrong], "pred": pred[wrong]}
         if self.worst is not None:
@@ -127,7 +127,7 @@ def result(run: trained.Trained, metrics: Dict, kept: Kept) -> Dict:
     out = {"run": str(run.run_dir), "weights": str(run.weights), "dataset": run.cfg.dataset.name,
            "images": sum(len(p) for p in kept.preds), "accuracy": metrics["test_acc"], "loss": metrics["test_loss"]}
     if run.data.num_classes > 5:
-        out["top5_accuracy"] = kept.top5 / out["images"]
+        out["top5_accuracy"] = int(kept.top5) / out["images"]
     return {**out, **confusion.report(kept.confusion.matrix(), classes)}
 
 

@@ -256,3 +256,15 @@ def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(r
     assert run.summary["accuracy"] == report["accuracy"] and run.summary["top5_accuracy"] == report["top5_accuracy"]
     tables = sorted(a.name.split("-")[2] for a in run.artifacts if a.type == "run_table")
     assert tables == ["evalconfusion_matrix_table", "evalper_class_accuracy_table", "evalwrong"]
+
+
+def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
+    from resnet_lab import resume
+    from resnet_lab.errors import UserError
+    from tests.test_trainer import composed, save_checkpoint
+
+    save_checkpoint(tmp_path, composed(), epoch=2, step=0)
+    assert resume.plan(tmp_path, composed("optim.lr=0.01")).action == "continue"
+    with pytest.raises(UserError, match=r"optim.backbone_lr_scale=0.1: checkpoint .* was saved with "
+                                        r"optim.backbone_lr_scale=1.0"):
+        resume.plan(tmp_path, composed("optim.backbone_lr_scale=0.1"))
