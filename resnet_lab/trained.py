@@ -79,14 +79,16 @@ def load(run_dir: Path, choice: str, overrides: Sequence[str]) -> Trained:
     cfg = run_config(run_dir, overrides)
     path = weights_file(run_dir, choice)
     runtime = device_setup.resolve(cfg.device)
-    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last)
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed)
     saved_classes = _saved_classes(run_dir)
     if saved_classes is not None and data.classes != saved_classes:
         raise UserError(f"dataset {cfg.dataset.name}: its classes {_short(data.classes)} are not the run's "
                         f"{_short(saved_classes)}; give a data set with the run's classes, in its order")
     model = build_model(cfg.model, data.in_channels, data.num_classes)
     weights.load(model, path)
-    return Trained(run_dir, cfg, runtime, data, runtime.prepare(model).eval(), path)
+    model = runtime.prepare(model).eval()
+    data.normalizer.memory_format = runtime.memory_format  # as the trainer sets it
+    return Trained(run_dir, cfg, runtime, data, model, path)
 
 
 def sample_images(data: Data, n: int) -> torch.Tensor:

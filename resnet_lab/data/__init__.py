@@ -19,15 +19,15 @@ class Data:
     test: Loader
     in_channels: int
     classes: List[str]
-    normalizer: Normalizer  # the run's preprocessing, for predict and export to repeat
+    # The loaders' own: its memory_format is the batches'; predict and export repeat it.
+    normalizer: Normalizer
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
-               rank: int = 0, world_size: int = 1) -> Data:
+def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
@@ -41,7 +41,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
         raise UserError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(train)} "
                         f"training images of dataset {cfg.name}")
     mean, std = channel_stats(stats_images)
-    normalizer = Normalizer(mean, std, device, channels_last)
+    normalizer = Normalizer(mean, std, device)
     if isinstance(train, TensorSplit):
         make = DeviceLoader
     else:
