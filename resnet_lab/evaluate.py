@@ -8,8 +8,8 @@ confidently wrong images, with their true and predicted classes) and <name>_pred
 row per image). With logger=wandb the same go to a W&B run with job_type=eval.
 """
 
+import argparse
 import io
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -18,13 +18,10 @@ import torch
 
 from resnet_lab import checkpoint, confusion, trained
 from resnet_lab.engine import evaluate
+from resnet_lab.errors import UserError
 from resnet_lab.tracking import EVAL_FOLDER, log_evaluation
 
-log = logging.getLogger("resnet_lab")
-
 OPTIONS = {"checkpoint": "last", "name": "", "wrong": "16"}
-USAGE = ("usage: python -m resnet_lab.evaluate RUN_DIR [checkpoint=last|best|PATH] [name=NAME] "
-         "[wrong=N] [config overrides, e.g. dataset=mnist dataset.root=data logger=wandb]")
 
 
 @dataclass
@@ -137,10 +134,16 @@ def default_name(run: trained.Trained, choice: str) -> str:
 
 
 def main(args: Sequence[str]) -> Dict:
-    if not args or args[0].startswith("-") or "=" in args[0]:
-        raise SystemExit(USAGE)
-    options, overrides = trained.split_args(args[1:], OPTIONS)
-    run = trained.load(Path(args[0]), options["checkpoint"], overrides)
+    parser = argparse.ArgumentParser(prog="python -m resnet_lab.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the folder of a training run")
+    parser.add_argument("settings", nargs="*", help="checkpoint=last|best|PATH (default last), name=NAME "
+                        "(default <dataset>-<checkpoint>), wrong=N (default 16), and config overrides, "
+                        "e.g. dataset=mnist dataset.root=data logger=wandb")
+    ns = parser.parse_args(args)
+    options, overrides = trained.split_args(ns.settings, OPTIONS)
+    if not options["wrong"].isdigit():
+        raise UserError(f"wrong={options['wrong']}: must be a whole number of images (0 for none)")
+    run = trained.load(Path(ns.run_dir), options["checkpoint"], overrides)
     metrics, kept = measure(run, int(options["wrong"]))
     report = result(run, metrics, kept)
     name = options["name"] or default_name(run, options["checkpoint"])

@@ -254,7 +254,8 @@ def log_evaluation(cfg: DictConfig, run_dir: Path, name: str, report: Dict, wron
         return
     last = Path(run_dir) / checkpoint.FOLDER / checkpoint.LAST
     train_id = torch.load(last, weights_only=True).get("wandb_run_id") if last.is_file() else None
-    run = wandb.init(dir=run_dir, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
+    # Its files in eval/wandb/, apart from the training run's.
+    run = wandb.init(dir=Path(run_dir) / EVAL_FOLDER, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
                      group=train_id or Path(run_dir).name, name=f"eval-{name}", job_type="eval",
                      tags=list(cfg.logger.tags), config={**OmegaConf.to_container(cfg, resolve=True),
                                                          "train_run_id": train_id, "eval_name": name})

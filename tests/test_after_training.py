@@ -250,7 +250,7 @@ def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(r
 
     code, _, err = command(evaluate, [run_dir, "logger=wandb", "logger.mode=offline", "name=wb"], monkeypatch, capsys)
     assert code == 0, err
-    run = read_run(run_dir)  # the training run logged nothing (logger=none): this is the evaluation
+    run = read_run(run_dir / "eval")  # apart from the training run's W&B files
     report = json.loads((run_dir / "eval" / "wb.json").read_text())
     assert run.run.job_type == "eval" and run.run.display_name == "eval-wb" and run.run.run_group == run_dir.name
     assert run.summary["accuracy"] == report["accuracy"] and run.summary["top5_accuracy"] == report["top5_accuracy"]
