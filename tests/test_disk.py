@@ -39,3 +39,19 @@ def test_a_run_keeps_at_most_half_of_what_full_copies_took(fmnist_root, tmp_path
         assert os.path.samefile(tmp_path / name, state["weights_file"])
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in state["model"].items())
+
+
+def test_each_checkpoint_replaces_the_weights_file_and_a_missing_one_is_named(tmp_path):
+    from resnet_lab.errors import UserError
+    from tests.test_trainer import composed, save_checkpoint
+
+    last = save_checkpoint(tmp_path, composed(), epoch=1, step=3)
+    first = checkpoint.load(last)["weights_file"]
+    orphan = last.parent / f"{checkpoint.WEIGHTS_PREFIX}left-by-a-kill.pt"  # written, last.pt not yet
+    orphan.write_bytes(b"")
+    save_checkpoint(tmp_path, composed(), epoch=2, step=0)
+    second = checkpoint.load(last)["weights_file"]
+    assert second != first and [p.name for p in last.parent.glob(f"{checkpoint.WEIGHTS_PREFIX}*")] == [second.name]
+    second.unlink()
+    with pytest.raises(UserError, match=f"checkpoint {last} keeps its weights in {second}, which is missing"):
+        checkpoint.load(last)
