@@ -15,6 +15,7 @@ from PIL import Image
 
 from resnet_lab import evaluate, export, predict, trained
 from resnet_lab.config import OptimConfig
+from resnet_lab.errors import UserError
 from resnet_lab.models import MODELS, weights
 from resnet_lab.optim import build_optimizer
 from tests.runs import fresh_env, metrics
@@ -147,7 +148,20 @@ def test_a_torchvision_state_dict_loaded_with_model_init_gives_torchvisions_logi
     with caplog.at_level("INFO", logger="resnet_lab"):
         weights.init(ten, path)
     assert "has 1000 classes, this run 10: the head (fc) starts afresh" in caplog.text
-    assert torch.equal(ten.fc.weight, head) and torch.equal(ten.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.equal(ten.fc.weight, head)
+    assert torch.equal(ten.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    # Any other difference: one line naming keys, and nothing loaded or said before it.
+    caplog.clear()
+    cifar = MODELS.get("resnet20")(num_classes=10)
+    before = {k: v.clone() for k, v in cifar.state_dict().items()}
+    with caplog.at_level("INFO", logger="resnet_lab"), pytest.raises(UserError) as failed:
+        weights.init(cifar, path)
+    assert str(failed.value).startswith(f"{path} does not fit this model (shapes differ: conv1.weight [64, 3, 7, 7] "
+                                        f"there, [16, 3, 3, 3] here")
+    assert "; missing: layer1.2.conv1.weight" in str(failed.value)
+    assert "; unexpected: layer2.0.downsample" in str(failed.value)
+    assert "model.init" not in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in cifar.state_dict().items())
 
 
 def test_colour_weights_on_grey_images_give_the_same_logits_as_grey_copied_to_rgb(tmp_path, caplog):
@@ -260,7 +274,6 @@ def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(r
 
 def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
     from resnet_lab import resume
-    from resnet_lab.errors import UserError
     from tests.test_trainer import composed, save_checkpoint
 
     save_checkpoint(tmp_path, composed(), epoch=2, step=0)

@@ -8,7 +8,7 @@ folded or spread). Any other difference is an error naming the keys.
 
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -89,43 +89,45 @@ def load(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def _new_head(own: Dict, state: Dict, path: Path) -> Dict:
-    """Without the head's weights where the class counts differ: the model's own head stays."""
+def _new_head(own: Dict, state: Dict, path: Path) -> Tuple[Dict, List[str]]:
+    """Without the head's weights where the class counts differ: the model's own head stays.
+    Also what it changed, to say."""
     weight = HEAD + "weight"
     if weight not in state or weight not in own or state[weight].shape[0] == own[weight].shape[0]:
-        return state
-    log.info(f"model.init: {path} has {state[weight].shape[0]} classes, this run {own[weight].shape[0]}: "
-             f"the head (fc) starts afresh")
-    return {k: v for k, v in state.items() if not k.startswith(HEAD)}
+        return state, []
+    said = f"{path} has {state[weight].shape[0]} classes, this run {own[weight].shape[0]}: the head (fc) starts afresh"
+    return {k: v for k, v in state.items() if not k.startswith(HEAD)}, [said]
 
 
-def _fold_stem(own: Dict, state: Dict, path: Path) -> Dict:
+def _fold_stem(own: Dict, state: Dict, path: Path) -> Tuple[Dict, List[str]]:
     """The first conv's weights for this run's input channels: colour weights on grey images sum
     over their input channels (a grey image copied to R, G and B gives the same output); grey
     weights on colour images are spread over the channels, a third each (the same output for a
     grey image in colour)."""
     if STEM not in state or STEM not in own:
-        return state
+        return state, []
     there, here = state[STEM].shape[1], own[STEM].shape[1]
     if there == here or state[STEM].shape[0] != own[STEM].shape[0]:
-        return state
+        return state, []
     if here == 1:
         folded = state[STEM].sum(1, keepdim=True)
     elif there == 1:
         folded = state[STEM].repeat(1, here, 1, 1) / here
     else:
-        return state
-    log.info(f"model.init: {path} has {there} input channels, this run {here}: conv1's weights "
-             f"{'summed over' if here == 1 else 'spread over'} the channels")
-    return {**state, STEM: folded}
+        return state, []
+    said = (f"{path} has {there} input channels, this run {here}: conv1's weights "
+            f"{'summed over' if here == 1 else 'spread over'} the channels")
+    return {**state, STEM: folded}, [said]
 
 
 def init(model: nn.Module, path: Path) -> None:
     """Start from the weights at path (model.init), adapted to another class count and to grey
     or colour input; saying what it changed."""
     own = model.state_dict()
-    state = _fold_stem(own, _new_head(own, read(path), path), path)
+    state, head = _new_head(own, read(path), path)
+    state, stem = _fold_stem(own, state, path)
     kept_head = {k: v for k, v in own.items() if k.startswith(HEAD) and k not in state}
     check_fits(model, {**state, **kept_head}, path)
     model.load_state_dict(state, strict=False)
-    log.info(f"model.init: weights from {find(path)}")
+    for said in [*head, *stem, f"weights from {find(path)}"]:
+        log.info(f"model.init: {said}")
