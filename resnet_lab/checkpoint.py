@@ -4,6 +4,13 @@ A checkpoint holds the position (`epoch` and `step`: the next batch to train), t
 optimizer, scheduler and grad-scaler states, the epoch's running totals, the best test accuracy
 so far and the last epoch's metrics, every rank's RNG states, the resolved config and the W&B run id.
 The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
+
+The weights are not inside last.pt: each checkpoint writes them to a file of their own,
+`weights-<tag>.pt` beside it (a state dict of CPU tensors), and last.pt names that file. A new
+name every time makes the pair safe against a kill between the two writes (last.pt names the old
+file until it is replaced, and the old file goes only after), and lets `best.pt` and the run's
+`model.pt` be hard links to the same bytes rather than copies: a run keeps its weights once and
+the optimizer state once.
 """
 
 import contextlib
@@ -11,6 +18,7 @@ import errno
 import json
 import os
 import random
+import secrets
 from pathlib import Path
 from typing import Callable, Dict, IO, List, Optional
 
@@ -25,10 +33,10 @@ FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
         "metrics", "rng", "config", "wandb_run_id")  # and "elapsed", which older ones lack
-SHOWN = 3  # differing keys named in a message
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.
 HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
+WEIGHTS_PREFIX = "weights-"
 
 
 def _os_error(e: BaseException) -> Optional[OSError]:
@@ -102,8 +110,8 @@ def set_rng_states(states: Dict, device: torch.device) -> None:
 
 def load(path: Path) -> Dict:
     if not path.is_file():
-        raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a "
-                        f"{LAST} or {BEST}, or trainer.resume=none to start afresh")
+        raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a run's "
+                        f"{FOLDER}/{LAST}, or trainer.resume=none to start afresh")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
@@ -113,28 +121,32 @@ def load(path: Path) -> Dict:
         detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
         detail = detail[:160]
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
-                        f"resume from another one with trainer.resume=<path> (e.g. {BEST} beside it), "
-                        f"or start afresh with trainer.resume=none") from e
+                        f"resume from another one with trainer.resume=<path>, start afresh with "
+                        f"trainer.resume=none, or from the best weights with model.init=<the {BEST} "
+                        f"beside it>") from e
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
-                        f"give the path of a {FOLDER}/{LAST} or {BEST}")
+                        f"give the path of a {FOLDER}/{LAST}")
+    if isinstance(state["model"], str):  # the name of its weights file (older checkpoints hold them)
+        state["weights_file"] = path.parent / state["model"]
+        state["model"] = _load_weights(state["weights_file"], path)
     return state
 
 
-def _some(items: List[str]) -> str:
-    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return ", ".join(items[:SHOWN]) + more
+def _load_weights(weights: Path, path: Path) -> Dict:
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (missing, zip, pickle and EOF errors: the pair is broken)
+        raise UserError(f"checkpoint {path} keeps its weights in {weights}, which is missing or damaged "
+                        f"({type(e).__name__}); put that file back, or start afresh with "
+                        f"trainer.resume=none") from e
 
 
 def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict) -> None:
-    own = model.state_dict()
-    shapes = [f"{k} {list(saved[k].shape)} there, {list(v.shape)} here" for k, v in own.items()
-              if k in saved and saved[k].shape != v.shape]
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    problems = [f"{label}: {_some(keys)}" for label, keys in
-                (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    from resnet_lab.models.weights import differences
+
+    problems = differences(model, saved)
     if problems:
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); it was saved "
                         f"by model={saved_cfg['model']['name']} dataset={saved_cfg['dataset']['name']}: "
@@ -159,6 +171,25 @@ def keep_epochs(metrics_file: Path, done: int) -> None:
         _atomic_write(metrics_file, lambda f: f.write("".join(rows).encode()))
 
 
+def _link(source: Path, target: Path) -> bool:
+    """Make target a hard link to source, replacing it whole; False where the file system has no
+    hard links (the caller then writes a copy)."""
+    tmp = target.with_name(f".{target.name}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def cpu_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A state dict of CPU tensors: the weights load anywhere, without a map_location."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 class Checkpointer:
     """Saves one run's training state into <run_dir>/checkpoints and restores it from a file."""
 
@@ -167,36 +198,59 @@ class Checkpointer:
         self.cfg, self.device = cfg, device
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.record_kept = False
+        self.weights: Optional[Path] = None  # the weights file of the last checkpoint written or restored
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
              wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
              best: bool = False) -> None:
-        """Write last.pt (and best.pt) to continue at batch `step` of `epoch`; `elapsed`: the
-        run's wall seconds so far, over all its resumed parts; `rngs`: every rank's random
-        states, in rank order (default: this process's)."""
+        """Write last.pt and its weights file (and best.pt) to continue at batch `step` of
+        `epoch`; `elapsed`: the run's wall seconds so far, over all its resumed parts; `rngs`:
+        every rank's random states, in rank order (default: this process's)."""
         rngs = rngs or [rng_states(self.device)]
+        weights = cpu_weights(self.model)
+        resume_after = ", then run again to resume"
+        new = self.folder / f"{WEIGHTS_PREFIX}{secrets.token_hex(6)}.pt"
+        write_file(new, lambda f: torch.save(weights, f), after=resume_after)
         state = {
             "epoch": epoch, "step": step,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": new.name, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "totals": totals, "best_acc": best_acc, "metrics": metrics,
             "rng": rngs[0], "rng_ranks": rngs[1:],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_run_id": wandb_run_id, "elapsed": elapsed,
         }
-        write_file(self.folder / LAST, lambda f: torch.save(state, f), after=", then run again to resume")
+        try:
+            write_file(self.folder / LAST, lambda f: torch.save(state, f), after=resume_after)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
+        self.weights = new
+        # Only now that last.pt names the new file may the older ones go (a kill in between
+        # leaves an extra file, which the next checkpoint removes).
+        for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
+            if old != new:
+                old.unlink(missing_ok=True)
         if best:
-            write_file(self.folder / BEST, lambda f: torch.save(state, f),
-                       after=f"; {LAST} was written: run again to resume")
+            self.publish(self.folder / BEST, after=f"; {LAST} was written: run again to resume")
         if not self.record_kept:  # Hydra's record stays the same while the job runs
             keep_hydra_record(self.folder.parent)
             self.record_kept = True
+
+    def publish(self, target: Path, after: str) -> None:
+        """The last checkpoint's weights as `target` (best.pt, model.pt): a hard link to its
+        weights file, or a copy where links are not to be had."""
+        if self.weights is not None and _link(self.weights, target):
+            return
+        weights = cpu_weights(self.model)
+        write_file(target, lambda f: torch.save(weights, f), after=after)
 
     def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
         """Load a checkpoint's states into the parts (resume.plan has checked that its settings
         carry over; here, that its weights fit the model)."""
         _check_fits(self.model, state["model"], path, state["config"])
         self.model.load_state_dict(state["model"])
+        self.weights = state.get("weights_file")
         # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
         # under a grad scaler differs from an unfused one, and a state's step counters follow it.
         saved = state["optimizer"]

@@ -20,6 +20,9 @@ class ModelConfig(Architecture):
     # Each option of the model group is a variant's architecture (models/resnet.py), stored by
     # register_configs; a model.* override changes one knob of it.
     name: str = MISSING
+    # Start from these weights rather than at random: a state dict file (torchvision's names), a
+    # run's model.pt or best.pt, or a run folder (resnet_lab.models.weights).
+    init: Optional[str] = None
 
 
 @dataclass
@@ -78,6 +81,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # The learning rate of everything but the head (fc) is lr times this: < 1 fine-tunes
+    # pretrained layers more gently than the new head.
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -180,6 +186,7 @@ BOUNDS = {
     "optim.lr": (0, False),
     "optim.weight_decay": (0, True),
     "optim.momentum": (0, True),
+    "optim.backbone_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
     "device.world_size": (1, True),

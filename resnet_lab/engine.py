@@ -5,7 +5,7 @@ is needed (a callback decides when, and the end of the epoch). With several rank
 accumulates its own share, summed over the ranks where the numbers are read.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,10 @@ def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.O
             callback.after_step(step, loss)
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime,
+             keep: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> Dict[str, float]:
+    """The test loss and accuracy; `keep`, when given, sees each batch's inputs, logits and labels
+    on the device (a confusion matrix counts them; `python -m resnet_lab.evaluate` keeps more)."""
     model.eval()
     totals = RunningTotals(runtime.device)
     # A compiled model that alternates between inference mode and training can fail
@@ -127,4 +130,6 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime) -> Dict[s
             with runtime.autocast():
                 logits = model(x)
             totals.add(step, F.cross_entropy(logits.float(), y), logits, y)
+            if keep is not None:
+                keep(x, logits, y)
     return totals.reduced().metrics("test")

@@ -29,7 +29,14 @@ def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
     # On CUDA the fused kernels update every parameter in one launch, and they take fp16's
     # loss scaling without the grad scaler reading the device each step.
     fused = next(model.parameters()).is_cuda or None
-    return OPTIMIZERS.get(cfg.name)(model.parameters(), cfg, fused)
+    params = model.parameters()
+    if cfg.backbone_lr_scale != 1:
+        # Two groups, the backbone's first: schedules scale each group's own rate.
+        head = {id(p) for p in model.fc.parameters()}
+        params = [{"params": [p for p in model.parameters() if id(p) not in head],
+                   "lr": cfg.lr * cfg.backbone_lr_scale},
+                  {"params": list(model.fc.parameters())}]
+    return OPTIMIZERS.get(cfg.name)(params, cfg, fused)
 
 
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,

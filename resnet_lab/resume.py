@@ -144,6 +144,13 @@ def _check_carries_over(saved_cfg: Dict, cfg: DictConfig, path: Path) -> None:
             raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
                             f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
                             f"or start afresh with trainer.resume=none")
+    # One parameter group, or the backbone's and the head's: the saved state has as many.
+    then_groups = saved_cfg["optim"].get("backbone_lr_scale", 1.0) != 1
+    if then_groups != (cfg.optim.backbone_lr_scale != 1):
+        raise UserError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale}: checkpoint {path} was saved "
+                        f"with optim.backbone_lr_scale={saved_cfg['optim'].get('backbone_lr_scale', 1.0)}, "
+                        f"and 1 and other values keep different optimizer states; resume with it, or start "
+                        f"afresh with trainer.resume=none")
     sched = cfg.sched.name
     stretched = [f"trainer.{k}={cfg.trainer[k]} (checkpoint: {saved_cfg['trainer'][k]})"
                  for k in SCHEDULE_LENGTH if cfg.trainer[k] != saved_cfg["trainer"][k]]

@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 # writing last.pt). A run killed outright stays
 # "running", which is how `compare` tells an interrupted run from a finished one.
 STATUS_FILE = "status"
+EVAL_FOLDER = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -185,6 +186,19 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({"global_step": self.global_step, **metrics})
 
+    def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
+        """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
+        eval/final_confusion.csv, and W&B's charts of them."""
+        from resnet_lab import confusion
+        from resnet_lab.checkpoint import write_file  # which imports this module
+
+        report = confusion.report(matrix, classes)
+        folder = self.run_dir / EVAL_FOLDER
+        write_file(folder / "final.json", lambda f: f.write(confusion.json_bytes(report)))
+        write_file(folder / "final_confusion.csv", lambda f: f.write(confusion.csv_text(matrix, classes).encode()))
+        if self.wandb is not None:
+            self.wandb.log({"global_step": self.global_step, **confusion.wandb_charts(matrix, classes, "final")})
+
     def weights(self, path: Path) -> None:
         """The final weights, kept as a W&B artifact when logger.log_weights is on."""
         if self.wandb is not None and self.log_weights:
@@ -230,3 +244,32 @@ class Tracker:
             # A status the full disk could not take says less than the error that ended the run.
             if exc is None:
                 raise
+
+
+def log_evaluation(cfg: DictConfig, run_dir: Path, name: str, report: Dict, wrong: List[list]) -> None:
+    """An evaluation as a W&B run of its own (job_type=eval) in the training run's group (its
+    W&B id when it had none): its numbers as the summary, the confusion-matrix and per-class
+    charts, and a table of the most confidently wrong images (`wrong`: rows of an H x W x C
+    uint8 array, true class, predicted class, confidence)."""
+    import torch
+    import wandb
+
+    from resnet_lab import checkpoint, confusion
+
+    mode = choose_mode(cfg.logger.mode)
+    if mode == "disabled":
+        return
+    last = Path(run_dir) / checkpoint.FOLDER / checkpoint.LAST
+    train_id = torch.load(last, weights_only=True).get("wandb_run_id") if last.is_file() else None
+    # Its files in eval/wandb/, apart from the training run's.
+    run = wandb.init(dir=Path(run_dir) / EVAL_FOLDER, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
+                     group=train_id or Path(run_dir).name, name=f"eval-{name}", job_type="eval",
+                     tags=list(cfg.logger.tags), config={**OmegaConf.to_container(cfg, resolve=True),
+                                                         "train_run_id": train_id, "eval_name": name})
+    table = wandb.Table(columns=["image", "true", "predicted", "confidence"],
+                        data=[[wandb.Image(image), *rest] for image, *rest in wrong])
+    run.log({**confusion.wandb_charts(report["confusion_matrix"], report["classes"], "eval"), "eval/wrong": table})
+    run.summary.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
+    run.finish()
+    if run.offline:
+        log.info(f"W&B run saved offline; upload it with: wandb sync {run.sync_dir}")

@@ -23,10 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab.confusion import Confusion
 from resnet_lab.data import build_data
 from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.models import build_model
+from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
 from resnet_lab.resume import Plan
@@ -82,13 +83,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks):
+def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ranks, fresh: bool = True):
     """The parts of a run, for this rank: its data, the bare model (the optimizer and checkpoints
     hold it, so a DDP checkpoint resumes in one process), the model that trains (under DDP and
-    compiled, as asked), the optimizer, the schedule and the grad scaler."""
+    compiled, as asked), the optimizer, the schedule and the grad scaler. A `fresh` run starts
+    from model.init's weights, if set (a resumed one from its checkpoint's)."""
     data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, ranks.rank, ranks.world_size)
+    model = build_model(cfg.model, data.in_channels, data.num_classes)
+    if fresh and cfg.model.init:
+        weights.init(model, Path(cfg.model.init))
     # The network decides whether channels_last is safe, so the batches' layout follows it.
-    model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
+    model = runtime.prepare(model)
     data.normalizer.memory_format = runtime.memory_format
     if cfg.device.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -113,6 +118,7 @@ class Trainer(Callback):
         self.state = State()
         self.began = time.perf_counter()  # minus the seconds of the parts before a resume
         self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
+        self.confusion: Optional[Confusion] = None  # of the last evaluation, for the run's final report
         self.callbacks = [self]  # the order of engine.Callback; features go before the trainer
 
     def run(self) -> float:
@@ -145,7 +151,7 @@ class Trainer(Callback):
         # and the batches are a function of cfg.seed alone.
         seed_everything(self.cfg.seed + self.ranks.rank, self.cfg.trainer.deterministic)
         (self.data, self.model, self.forward, self.optimizer, self.scheduler,
-         self.scaler) = build(self.cfg, self.runtime, self.ranks)
+         self.scaler) = build(self.cfg, self.runtime, self.ranks, fresh=self.plan.action == "fresh")
         self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
                                                    self.scheduler, self.scaler, self.runtime.device)
         self.steps = len(self.data.train)
@@ -224,7 +230,9 @@ class Trainer(Callback):
         """The epoch's row: its training totals, the test metrics, the learning rate and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
-        return {"epoch": self.state.epoch, **whole.metrics(), **evaluate(self.forward, self.data.test, self.runtime),
+        self.confusion = Confusion(self.data.num_classes, self.runtime.device)
+        tested = evaluate(self.forward, self.data.test, self.runtime, keep=self.confusion.add)
+        return {"epoch": self.state.epoch, **whole.metrics(), **tested,
                 "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
 
     def check_finite(self) -> None:
@@ -258,11 +266,15 @@ class Trainer(Callback):
         return Stopped(signum)
 
     def finish(self) -> None:
-        """The final weights (model.pt), and the run's summary and status."""
+        """The final weights (model.pt), the last evaluation's confusion matrix (eval/final.*),
+        and the run's summary and status."""
+        if self.confusion is not None:  # None when a resumed run had no epoch left to train
+            matrix = self.confusion.matrix()
+            if self.main:
+                self.tracker.final_report(matrix, self.data.classes)
         if self.cfg.trainer.save_weights and self.main:
-            # CPU tensors: the weights load anywhere, without a map_location.
-            weights = {k: v.cpu() for k, v in self.model.state_dict().items()}
-            checkpoint.write_file(self.run_dir / "model.pt", lambda f: torch.save(weights, f),
-                                  after=f", then run again to write it from {checkpoint.LAST}")
+            # The final weights are those of the last checkpoint (every epoch's end writes one).
+            self.checkpoints.publish(self.run_dir / "model.pt",
+                                     after=f", then run again to write it from {checkpoint.LAST}")
             self.tracker.weights(self.run_dir / "model.pt")
         self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})

@@ -55,7 +55,7 @@ def test_every_variant_is_an_option_of_the_model_group_showing_its_architecture(
         with initialize_config_module("resnet_lab.conf", version_base="1.3"):
             cfg = compose("config", overrides=[f"model={name}"])
         architecture = MODELS.get(name).architecture
-        assert OmegaConf.to_container(cfg.model) == {"name": name, **dataclasses.asdict(architecture)}
+        assert OmegaConf.to_container(cfg.model) == {"name": name, "init": None, **dataclasses.asdict(architecture)}
         # What the config shows is what is built.
         assert on_meta(name).arch == architecture
 

@@ -127,8 +127,9 @@ def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused
     # The folder is the winner's alone: its record, and a lone run's metrics and weights.
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={winner}" in overrides and f"seed={1 - winner}" not in overrides
-    assert sorted(p.name for p in (run_dir / checkpoint.FOLDER).iterdir()) == [checkpoint.BEST, "hydra",
-                                                                               checkpoint.LAST]
+    names = sorted(p.name for p in (run_dir / checkpoint.FOLDER).iterdir())
+    assert names[:3] == [checkpoint.BEST, "hydra", checkpoint.LAST] and len(names) == 4
+    assert names[3].startswith(checkpoint.WEIGHTS_PREFIX)  # one weights file, of the last checkpoint
     assert not lock.exists()
     lone = reference
     if winner == 1:
@@ -222,8 +223,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact; free some space, then run again"):
         train(cfg, tmp_path)
     last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
-    assert [p.name for p in last.parent.iterdir()] == [checkpoint.LAST]  # no temporary file left
+    # No temporary file left, nor the failed checkpoint's weights: last.pt and the weights it names.
     state = checkpoint.load(last)
+    assert sorted(p.name for p in last.parent.iterdir()) == [checkpoint.LAST, state["weights_file"].name]
     assert (state["epoch"], state["step"]) == (1, EVERY)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # The failed write came at epoch 1's end, after its metrics row; the resumed run writes that
@@ -245,6 +247,7 @@ def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tm
     args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={run_dir}"]
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+        without_hard_links(patch)
         code, err = run_cli(args, tmp_path, monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
@@ -260,20 +263,31 @@ def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tm
     assert all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
-def test_model_pt_on_a_really_full_file_system(fmnist_root, tmp_path, tiny_tmpfs):
-    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
+def without_hard_links(patch) -> None:
+    """A file system without hard links: best.pt and model.pt are then written as copies."""
+    def refuse(*args, **kw):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    patch.setattr(checkpoint.os, "link", refuse)
+
+
+def test_a_really_full_file_system_at_the_second_checkpoint_keeps_the_first(fmnist_root, tmp_path, tiny_tmpfs):
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=2", "trainer.checkpoint_every_steps=0",
             "logger=none"]
     sizes = tmp_path / "sizes"
     sizes.mkdir()
     train(tiny_cfg(*args), sizes)
     checkpoint_size = (sizes / checkpoint.FOLDER / checkpoint.LAST).stat().st_size
-    # Room for last.pt, best.pt and the small files, and half of model.pt.
-    run_dir = tiny_tmpfs(2 * checkpoint_size + 64_000 + (sizes / "model.pt").stat().st_size // 2) / "run"
+    # Room for one checkpoint (last.pt and its weights) and the small files, and half of the
+    # next checkpoint's weights: the first checkpoint goes in, the second does not.
+    weights_size = (sizes / "model.pt").stat().st_size
+    run_dir = tiny_tmpfs(checkpoint_size + weights_size + 64_000 + weights_size // 2) / "run"
     proc = subprocess.run([sys.executable, "-m", "resnet_lab", *args, f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was written")
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write {run_dir / checkpoint.FOLDER}/{checkpoint.WEIGHTS_PREFIX}")
+    assert "(No space left on device)" in line and line.endswith("free some space, then run again to resume")
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
                                                          "train.log"]
     assert checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
@@ -285,6 +299,7 @@ def test_disk_full_at_best_pt_says_last_pt_was_written(fmnist_root, tmp_path, mo
         return FullDisk(f, room=10_000) if Path(path).name == f".{checkpoint.BEST}.tmp" else f
 
     monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    without_hard_links(monkeypatch)
     with pytest.raises(UserError) as failed:
         train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0"),
               tmp_path)
@@ -400,9 +415,12 @@ def test_signals_ask_for_a_stop_and_a_second_ctrl_c_interrupts_at_once():
 def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2",
                    "optim=sgd", "sched=onecycle"), tmp_path)
-    state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.BEST)
+    state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)
     assert set(state) == {"epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-                          "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed"}
+                          "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed", "weights_file"}
+    # The weights are read from their own file, which best.pt (the best weights alone) links to.
+    assert state["weights_file"].name.startswith(checkpoint.WEIGHTS_PREFIX)
+    assert state["weights_file"].samefile(tmp_path / checkpoint.FOLDER / checkpoint.BEST)
     assert state["elapsed"] > 0
     assert state["rng_ranks"] == []  # one rank: its random state is "rng"
     assert (state["epoch"], state["step"], state["totals"]) == (2, 0, None)

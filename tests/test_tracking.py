@@ -54,7 +54,12 @@ def test_single_run_is_named_after_its_folder_and_keeps_its_weights(fmnist_root,
     assert run.summary["final_test_acc"] == acc == rows[-1]["test_acc"]
     assert run.summary["best_test_acc"] == max(r["test_acc"] for r in rows)
     assert run.summary["params"] == sum(p.numel() for p in build_model(cfg.model, 1, 10).parameters())
-    assert [(a.type, a.name) for a in run.artifacts] == [("model", f"weights-{run.run.run_id}")]
+    assert [(a.type, a.name) for a in run.artifacts if a.type == "model"] == [("model", f"weights-{run.run.run_id}")]
+    # The final confusion matrix and per-class accuracy, as W&B charts (each a table behind it).
+    tables = sorted(a.name.split("-")[2] for a in run.artifacts if a.type == "run_table")
+    assert tables == ["finalconfusion_matrix_table", "finalper_class_accuracy_table"]
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    assert sum(map(sum, final["confusion_matrix"])) == 80  # every test image once (conftest: 80)
     assert (run_dir / "status").read_text() == "finished\n"
 
 

@@ -2,6 +2,7 @@
 
 import functools
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -17,8 +18,13 @@ class Data:
     train: Loader
     test: Loader
     in_channels: int
-    num_classes: int
-    normalizer: Normalizer  # the loaders' own: its memory_format is the batches'
+    classes: List[str]
+    # The loaders' own: its memory_format is the batches'; predict and export repeat it.
+    normalizer: Normalizer
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def close(self) -> None:
         self.train.close()
@@ -29,7 +35,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, wor
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
-    train, test, num_classes = DATASETS.get(cfg.name)(cfg)
+    train, test, classes = DATASETS.get(cfg.name)(cfg)
     if isinstance(train, TensorSplit) and cfg.name != "image_folder":
         stats_images = train.images
     else:
@@ -54,7 +60,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, wor
         test=make(test, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
                   limit=trainer.limit_eval_batches, **shard),
         in_channels=stats_images.shape[1],
-        num_classes=num_classes,
+        classes=classes,
         normalizer=normalizer,
     )
 

@@ -150,7 +150,7 @@ class FolderCache:
         for name in samples:
             images = torch.from_numpy(np.load(self.path(f"{name}.npy"), mmap_mode="c"))
             labels = torch.tensor([row[3] for row in index["files"][name]], dtype=torch.long)
-            out[name] = TensorSplit(images, labels)
+            out[name] = TensorSplit(images, labels, [path for path, _ in samples[name]])
         return out
 
     def _decode(self, name: str, samples: List[Sample], shape: tuple, workers: int) -> Path:

@@ -48,8 +48,9 @@ def list_classes(folder: Path) -> Tuple[List[str], List[Sample]]:
 
 
 @contextlib.contextmanager
-def reading(path: str):
-    """Turns a failure to read an image file into one line: which file, what is wrong with it."""
+def reading(path: str, what: str = "dataset image_folder"):
+    """Turns a failure to read an image file into one line: which file, what is wrong with it;
+    `what`: who was reading it."""
     from PIL import UnidentifiedImageError
 
     try:
@@ -66,7 +67,7 @@ def reading(path: str):
             problem = "not an image file (PIL cannot identify it)"
         else:  # the decoder ran out of bytes, or met bad ones
             problem = f"truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        raise UserError(f"dataset image_folder: cannot read {path}: {problem}; {fix}") from e
+        raise UserError(f"{what}: cannot read {path}: {problem}; {fix}") from e
 
 
 def headers(paths: List[str]) -> Tuple[Dict[Tuple[int, int], str], int]:
@@ -84,8 +85,10 @@ def headers(paths: List[str]) -> Tuple[Dict[Tuple[int, int], str], int]:
     return sizes, 1 if grey else 3
 
 
-def decode(path: str, channels: int, resize: Optional[int] = None) -> torch.Tensor:
-    """The image as uint8 channels x H x W (resize x resize when resize is set)."""
+def decode(path: str, channels: int, resize: Optional[int] = None, what: str = "dataset image_folder",
+           size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The image as uint8 channels x H x W (resize x resize when resize is set, else `size` where
+    it differs); `what`: who reads it, for the line naming a file that cannot be read."""
     from PIL import Image
 
     image = None
@@ -96,10 +99,11 @@ def decode(path: str, channels: int, resize: Optional[int] = None) -> torch.Tens
         except RuntimeError:
             pass  # PIL reads it again: it decodes some files torchvision.io does not, or names the fault
     if image is None:
-        with reading(path), Image.open(path) as im:
+        with reading(path, what), Image.open(path) as im:
             image = TF.pil_to_tensor(im.convert("L" if channels == 1 else "RGB"))
-    if resize:
-        image = TF.resize(image, [resize, resize], antialias=True)
+    size = [resize, resize] if resize else size and list(size)
+    if size and list(image.shape[-2:]) != size:
+        image = TF.resize(image, size, antialias=True)
     return image
 
 

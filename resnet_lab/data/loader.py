@@ -10,7 +10,7 @@ import atexit
 import signal
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ PAD = 4  # the standard CIFAR recipe: 4-pixel zero padding, random 32x32 crop, r
 class TensorSplit:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
+    files: Optional[List[str]] = None  # the image files they were decoded from (image_folder's cache)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -139,6 +140,7 @@ class DeviceLoader(Loader):
         super().__init__(len(split), batch_size, normalizer, **kw)
         self.images = split.images.to(normalizer.device)
         self.labels = split.labels.to(normalizer.device)
+        self.files = split.files
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         order = self.order(epoch).to(self.images.device, non_blocking=True)

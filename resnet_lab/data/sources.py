@@ -1,4 +1,5 @@
-"""Dataset registry entries: each reads its files once and returns the train and test splits.
+"""Dataset registry entries: each reads its files once and returns the train and test splits
+and the class names.
 
 The small datasets come back as uint8 tensors (TensorSplit), to live on the training device;
 image_folder too when its decoded cache is used, else as datasets of files that DataLoader
@@ -86,8 +87,8 @@ def _damaged(cls, folder: str, files: list) -> List[str]:
     return [f"{name} ({problem})" for name, problem in problems.items() if problem]
 
 
-def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
-    """One split as uint8 N x C x H x W, and the number of classes."""
+def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, List[str]]:
+    """One split as uint8 N x C x H x W, and the class names."""
     folder, files = _expected_files(cls, cfg.root)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         _fetch(cls, cfg, folder, files)
@@ -108,13 +109,13 @@ def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, int]:
             f"and download again"
         ) from e
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    return TensorSplit(images.contiguous(), labels), len(ds.classes)
+    return TensorSplit(images.contiguous(), labels), list(ds.classes)
 
 
 def _torchvision(name: str, cls):
     def load(cfg):
-        (train, num_classes), (test, _) = _load(cls, cfg, True), _load(cls, cfg, False)
-        return train, test, num_classes
+        (train, classes), (test, _) = _load(cls, cfg, True), _load(cls, cfg, False)
+        return train, test, classes
 
     DATASETS.register(name)(load)
 
@@ -135,7 +136,7 @@ def synthetic(cfg):
                                dtype=torch.uint8, generator=gen)
         return TensorSplit(images, torch.randint(0, cfg.num_classes, (n,), generator=gen))
 
-    return split(cfg.train_size), split(cfg.test_size), cfg.num_classes
+    return split(cfg.train_size), split(cfg.test_size), [str(i) for i in range(cfg.num_classes)]
 
 
 def _split_samples(root: Path) -> Tuple[List[str], Dict[str, List[Sample]]]:
@@ -199,6 +200,6 @@ def image_folder(cfg):
             cache.vouch(index)
         if _use_cache(cfg, index):
             decoded = cache.splits(index, samples, cfg.num_workers)
-            return decoded["train"], decoded["test"], len(classes)
+            return decoded["train"], decoded["test"], classes
     return (FileSplit(samples["train"], index["channels"], cfg.resize),
-            FileSplit(samples["test"], index["channels"], cfg.resize), len(classes))
+            FileSplit(samples["test"], index["channels"], cfg.resize), classes)

@@ -1,0 +1,123 @@
+"""A trained run, loaded again for `evaluate`, `predict` and `export`: its config (with the
+command's overrides), its data, and its model with the chosen weights, in eval mode.
+
+The config is composed as the run composed it (its .hydra/overrides.yaml), with the command's
+overrides after them: `dataset=cifar10 dataset.root=...` evaluates on another data set, which
+must have the run's classes.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_lab import checkpoint
+from resnet_lab import device as device_setup
+from resnet_lab.config import register_configs, validate
+from resnet_lab.data import Data, build_data
+from resnet_lab.errors import UserError, describe
+from resnet_lab.models import build_model, weights
+
+CHECKPOINTS = ("last", "best")  # or the path of a weights file
+
+
+@dataclass
+class Trained:
+    run_dir: Path
+    cfg: DictConfig
+    runtime: device_setup.Runtime
+    data: Data
+    model: torch.nn.Module  # the bare model, on the device, in eval mode
+    weights: Path  # the file its weights came from
+
+
+def split_args(args: Sequence[str], options: Dict[str, str]) -> Tuple[Dict[str, str], List[str]]:
+    """key=value words: the command's own `options` (with their defaults) and the config overrides."""
+    own, overrides = dict(options), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key in options and sep:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The run's config, composed again from its overrides, then the given ones."""
+    record = run_dir / checkpoint.HYDRA_RECORD / "overrides.yaml"
+    if not record.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {checkpoint.HYDRA_RECORD}/overrides.yaml); give the "
+                        f"folder a training run wrote, e.g. outputs/runs/<date>/<time>")
+    saved = [o for o in OmegaConf.load(record) if not o.startswith(("hydra.", "trainer.resume="))]
+    register_configs()
+    with initialize_config_module("resnet_lab.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*saved, *overrides])
+    validate(cfg)
+    return cfg
+
+
+def weights_file(run_dir: Path, choice: str) -> Path:
+    """checkpoint=last (the last checkpoint's weights), best (best.pt) or a path."""
+    folder = run_dir / checkpoint.FOLDER
+    if choice not in CHECKPOINTS:
+        return weights.find(Path(choice))
+    path = folder / (checkpoint.LAST if choice == "last" else checkpoint.BEST)
+    if not path.is_file():
+        other = "best" if choice == "last" else "last"
+        raise UserError(f"{run_dir}: no {checkpoint.FOLDER}/{path.name} (the run has written no weights yet); "
+                        f"train it to the end of an epoch, or give checkpoint={other} or checkpoint=<path>")
+    return path
+
+
+def load(run_dir: Path, choice: str, overrides: Sequence[str]) -> Trained:
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, overrides)
+    path = weights_file(run_dir, choice)
+    runtime = device_setup.resolve(cfg.device)
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed)
+    saved_classes = _saved_classes(run_dir)
+    if saved_classes is not None and data.classes != saved_classes:
+        raise UserError(f"dataset {cfg.dataset.name}: its classes {_short(data.classes)} are not the run's "
+                        f"{_short(saved_classes)}; give a data set with the run's classes, in its order")
+    model = build_model(cfg.model, data.in_channels, data.num_classes)
+    weights.load(model, path)
+    model = runtime.prepare(model).eval()
+    data.normalizer.memory_format = runtime.memory_format  # as the trainer sets it
+    return Trained(run_dir, cfg, runtime, data, model, path)
+
+
+def sample_images(data: Data, n: int) -> torch.Tensor:
+    """The first n test images as the model's input before normalisation: uint8 N x C x H x W."""
+    loader = data.test
+    if hasattr(loader, "images"):  # on the device already
+        return loader.images[:n].cpu()
+    return torch.stack([loader.dataset[i][0] for i in range(min(n, loader.num_samples))])
+
+
+def _short(classes: List[str]) -> str:
+    return "[" + ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "") + "]"
+
+
+def _saved_classes(run_dir: Path):
+    """The class names the run trained with (eval/final.json), if it wrote them."""
+    import json
+
+    final = run_dir / "eval" / "final.json"
+    return json.loads(final.read_text())["classes"] if final.is_file() else None
+
+
+def main(command) -> None:
+    """Run a command's main with the project's one-line errors: exit 2 and `error: ...`."""
+    try:
+        command(sys.argv[1:])
+    except Exception as e:  # noqa: BLE001
+        message = describe(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,282 @@
+"""After training: evaluate, predict and export a trained run, and fine-tune from weights
+(model.init: torchvision's state dicts, other class counts, grey against colour input)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from resnet_lab import evaluate, export, predict, trained
+from resnet_lab.config import OptimConfig
+from resnet_lab.errors import UserError
+from resnet_lab.models import MODELS, weights
+from resnet_lab.optim import build_optimizer
+from tests.runs import fresh_env, metrics
+
+
+CLASSES = [f"k{i}" for i in range(6)]  # more than 5: top-5 accuracy too
+TEST_PER_CLASS = (3, 4, 2, 5, 3, 4)
+RUN = ["dataset=image_folder", "dataset.num_workers=0", "model.width=4", "trainer.epochs=2",
+       "trainer.batch_size=16", "trainer.eval_batch_size=7", "device=cpu", "device.precision=fp32",
+       "trainer.progress=false", "logger=none"]
+
+
+def write_images(root: Path, classes=CLASSES, seed: int = 0) -> Path:
+    """root/train and root/test, 16x16 PNGs, brighter with the class index."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", [8] * len(classes)), ("test", TEST_PER_CLASS)):
+        for c, (name, n) in enumerate(zip(classes, counts)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 100, (16, 16, 3)) + 25 * c
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished two-epoch run on image_folder, trained by the command line."""
+    tmp = tmp_path_factory.mktemp("trained")
+    images = write_images(tmp / "images")
+    folder = tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", *RUN, f"dataset.root={images}",
+                           f"hydra.run.dir={folder}"], capture_output=True, text=True, cwd=tmp,
+                          env=fresh_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def command(module, args, monkeypatch, capsys):
+    """A command's main as `python -m` runs it: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["x", *map(str, args)])
+    code = 0
+    try:
+        trained.main(module.main)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_evaluate_reproduces_the_runs_last_test_accuracy_and_counts_every_image(run_dir, monkeypatch, capsys):
+    code, out, _ = command(evaluate, [run_dir], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads((run_dir / "eval" / "image_folder-last.json").read_text())
+    last = metrics(run_dir)[-1]
+    assert report["accuracy"] == last["test_acc"] and report["loss"] == last["test_loss"]
+    assert f"accuracy {last['test_acc']:.4f}" in out
+    matrix = report["confusion_matrix"]
+    assert [sum(row) for row in matrix] == list(TEST_PER_CLASS) and report["classes"] == CLASSES
+    assert sum(matrix[i][i] for i in range(6)) / sum(TEST_PER_CLASS) == report["accuracy"]
+    assert 0 <= report["top5_accuracy"] <= 1 and report["top5_accuracy"] >= report["accuracy"]
+    for i, name in enumerate(CLASSES):
+        stats = report["per_class"][name]
+        assert stats["count"] == TEST_PER_CLASS[i] and stats["accuracy"] == matrix[i][i] / TEST_PER_CLASS[i]
+    # The run's own final report, counted during its last evaluation, says the same.
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    assert final["confusion_matrix"] == matrix and final["per_class"] == report["per_class"]
+    rows = list(csv.reader((run_dir / "eval" / "image_folder-last_confusion.csv").open()))
+    assert rows[0][1:] == CLASSES and [list(map(int, r[1:])) for r in rows[1:]] == matrix
+    for suffix in ("_confusion.png", "_wrong.png"):
+        assert (run_dir / "eval" / f"image_folder-last{suffix}").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_top_1_equals_evaluates_predictions(run_dir, tmp_path, monkeypatch, capsys):
+    assert command(evaluate, [run_dir, "name=again"], monkeypatch, capsys)[0] == 0
+    expected = {r["file"]: r["predicted"] for r in csv.DictReader((run_dir / "eval" / "again_predictions.csv").open())}
+    test_folder = Path(next(iter(expected))).parents[1]
+    out = tmp_path / "predictions.csv"
+    code, said, _ = command(predict, [run_dir, test_folder, "--out", out, "--top-k", "3"], monkeypatch, capsys)
+    assert code == 0 and f"{len(expected)} images: wrote {out}" in said
+    rows = list(csv.DictReader(out.open()))
+    assert {r["file"]: r["class_1"] for r in rows} == expected
+    assert all(float(r["probability_1"]) >= float(r["probability_2"]) >= float(r["probability_3"]) for r in rows)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx"])
+def test_each_export_format_matches_eager(fmt, run_dir, tmp_path, monkeypatch, capsys):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"model.{fmt}"
+    code, said, err = command(export, [run_dir, "--format", fmt, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    assert said.startswith(f"wrote {out} ({fmt}): uint8 images N x 3 x 16 x 16 in, 6 logits out")
+    # Loaded here on its own, the exported model gives the eager model's logits on test images.
+    run = trained.load(run_dir, "last", export.CPU_FP32)
+    images = trained.sample_images(run.data, 5)
+    with torch.no_grad():
+        eager = export.Deployed(run.model, run.data.normalizer)(images)
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(images)
+    elif fmt == "pt2":
+        got = torch.export.load(str(out)).module()(images)
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    assert torch.allclose(got, eager, atol=1e-4, rtol=0)
+
+
+def torchvision_resnet18(tmp_path, **kw):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(**kw).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_a_torchvision_state_dict_loaded_with_model_init_gives_torchvisions_logits(tmp_path, caplog):
+    reference, path = torchvision_resnet18(tmp_path)
+    ours = MODELS.get("resnet18")(in_channels=3, num_classes=1000)
+    weights.init(ours, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), reference(x), atol=1e-5)
+    # Another class count: the head starts afresh, every other weight comes from the file.
+    ten = MODELS.get("resnet18")(in_channels=3, num_classes=10)
+    head = ten.fc.weight.detach().clone()
+    with caplog.at_level("INFO", logger="resnet_lab"):
+        weights.init(ten, path)
+    assert "has 1000 classes, this run 10: the head (fc) starts afresh" in caplog.text
+    assert torch.equal(ten.fc.weight, head)
+    assert torch.equal(ten.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    # Any other difference: one line naming keys, and nothing loaded or said before it.
+    caplog.clear()
+    cifar = MODELS.get("resnet20")(num_classes=10)
+    before = {k: v.clone() for k, v in cifar.state_dict().items()}
+    with caplog.at_level("INFO", logger="resnet_lab"), pytest.raises(UserError) as failed:
+        weights.init(cifar, path)
+    assert str(failed.value).startswith(f"{path} does not fit this model (shapes differ: conv1.weight [64, 3, 7, 7] "
+                                        f"there, [16, 3, 3, 3] here")
+    assert "; missing: layer1.2.conv1.weight" in str(failed.value)
+    assert "; unexpected: layer2.0.downsample" in str(failed.value)
+    assert "model.init" not in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in cifar.state_dict().items())
+
+
+def test_colour_weights_on_grey_images_give_the_same_logits_as_grey_copied_to_rgb(tmp_path, caplog):
+    reference, path = torchvision_resnet18(tmp_path)
+    grey = MODELS.get("resnet18")(in_channels=1, num_classes=1000)
+    with caplog.at_level("INFO", logger="resnet_lab"):
+        weights.init(grey, path)
+    assert "has 3 input channels, this run 1: conv1's weights summed over the channels" in caplog.text
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(grey.eval()(x), reference(x.repeat(1, 3, 1, 1)), atol=1e-4)
+    # And back: grey weights on colour images, a grey image in colour gives the grey logits.
+    grey_file = tmp_path / "grey.pt"
+    torch.save(grey.state_dict(), grey_file)
+    colour = MODELS.get("resnet18")(in_channels=3, num_classes=1000)
+    weights.init(colour, grey_file)
+    with torch.no_grad():
+        assert torch.allclose(colour.eval()(x.repeat(1, 3, 1, 1)), grey(x), atol=1e-4)
+
+
+def test_model_init_from_a_run_folder_starts_a_new_run_from_its_weights(run_dir, tmp_path):
+    from resnet_lab import device as device_setup, distributed
+    from resnet_lab.trainer import build
+
+    cfg = trained.run_config(run_dir, [f"model.init={run_dir}"])
+    _, model, *_ = build(cfg, device_setup.resolve(cfg.device), distributed.Ranks())
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_backbone_lr_scale_trains_the_backbone_slower_than_the_head():
+    model = MODELS.get("resnet20")(num_classes=10)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, backbone_lr_scale=0.01))
+    backbone, head = optimizer.param_groups
+    assert (backbone["lr"], head["lr"]) == pytest.approx((0.001, 0.1))
+    assert head["params"] == list(model.fc.parameters())
+    assert len(backbone["params"]) + 2 == len(list(model.parameters()))
+
+
+# Bad input: one line naming the file and the fix, exit 2, nothing written.
+
+def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    (empty / ".hydra").mkdir(parents=True)
+    (empty / ".hydra" / "overrides.yaml").write_text((run_dir / ".hydra" / "overrides.yaml").read_text())
+    code, _, err = command(evaluate, [empty], monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: {empty}: no checkpoints/last.pt") and "checkpoint=" in err
+    assert sorted(p.name for p in empty.iterdir()) == [".hydra"]
+    code, _, err = command(evaluate, [tmp_path], monkeypatch, capsys)
+    assert code == 2 and f"{tmp_path}: not a run folder" in err
+
+
+def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "resnet20.pt"
+    torch.save(MODELS.get("resnet20")(num_classes=6).state_dict(), other)
+    before = sorted((run_dir / "eval").iterdir())
+    code, _, err = command(evaluate, [run_dir, f"checkpoint={other}", "name=other"], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {other} does not fit this model (") and "model=<its name>" in err
+    assert sorted((run_dir / "eval").iterdir()) == before
+
+
+def test_a_data_set_with_other_classes(run_dir, tmp_path, monkeypatch, capsys):
+    other = write_images(tmp_path / "other", classes=[f"z{i}" for i in range(6)])
+    code, _, err = command(evaluate, [run_dir, f"dataset.root={other}", "name=z"], monkeypatch, capsys)
+    assert code == 2 and "its classes [z0, z1" in err and "are not the run's [k0, k1" in err
+    assert not (run_dir / "eval" / "z.json").exists()
+
+
+def test_an_image_that_cannot_be_read(run_dir, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "p.csv"
+    code, _, err = command(predict, [run_dir, bad, "--out", out], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (f"error: predict: cannot read {bad}: not an image file (PIL cannot "
+                                         f"identify it); replace it with a good copy or delete it")
+    assert not out.exists()
+
+
+def test_export_without_its_package(run_dir, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_onnx(name, *args, **kw):
+        if name == "onnx":
+            raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    out = tmp_path / "m.onnx"
+    code, _, err = command(export, [run_dir, "--format", "onnx", "--out", out], monkeypatch, capsys)
+    assert code == 2 and err.strip() == ("error: --format onnx needs the packages onnx and onnxruntime (onnx "
+                                         "is missing): pip install 'resnet_lab[onnx]'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(run_dir, monkeypatch, capsys):
+    from tests.wandb_file import read_run
+
+    code, _, err = command(evaluate, [run_dir, "logger=wandb", "logger.mode=offline", "name=wb"], monkeypatch, capsys)
+    assert code == 0, err
+    run = read_run(run_dir / "eval")  # apart from the training run's W&B files
+    report = json.loads((run_dir / "eval" / "wb.json").read_text())
+    assert run.run.job_type == "eval" and run.run.display_name == "eval-wb" and run.run.run_group == run_dir.name
+    assert run.summary["accuracy"] == report["accuracy"] and run.summary["top5_accuracy"] == report["top5_accuracy"]
+    tables = sorted(a.name.split("-")[2] for a in run.artifacts if a.type == "run_table")
+    assert tables == ["evalconfusion_matrix_table", "evalper_class_accuracy_table", "evalwrong"]
+
+
+def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
+    from resnet_lab import resume
+    from tests.test_trainer import composed, save_checkpoint
+
+    save_checkpoint(tmp_path, composed(), epoch=2, step=0)
+    assert resume.plan(tmp_path, composed("optim.lr=0.01")).action == "continue"
+    with pytest.raises(UserError, match=r"optim.backbone_lr_scale=0.1: checkpoint .* was saved with "
+                                        r"optim.backbone_lr_scale=1.0"):
+        resume.plan(tmp_path, composed("optim.backbone_lr_scale=0.1"))
