@@ -29,6 +29,9 @@ class DatasetConfig:
 
     name: str = MISSING
     augment: str = "none"
+    # The share of the training set held out, stratified by class and the same in every run,
+    # to choose settings on instead of the test set (0: none).
+    val_fraction: float = 0.0
 
 
 @dataclass
@@ -71,6 +74,10 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Batch-norm weights and every bias in a group without weight decay.
+    no_decay_norm_bias: bool = False
+    # Scale the gradients down to this global L2 norm before each update (0: no clipping).
+    clip_grad_norm: float = 0.0
 
 
 @dataclass
@@ -117,6 +124,30 @@ class TrainerConfig:
     resume: str = "auto"
     # Also write checkpoints/last.pt every this many training steps (0: only at epoch ends).
     checkpoint_every_steps: int = 0
+    # One update from the gradients of this many batches of batch_size: the update of a
+    # batch this many times larger.
+    accumulate: int = 1
+    # The value the run returns (what a sweeper optimises) and best.pt keeps the best of; auto:
+    # val_acc when dataset.val_fraction holds out a split, else test_acc.
+    objective: str = "auto"
+    # Evaluate each image and its mirror image, and average their logits (test-time augmentation).
+    tta: bool = False
+
+
+@dataclass
+class LossConfig:
+    # Cross-entropy against (1 - s) * the label + s / classes everywhere (Szegedy et al. 2016).
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    # An exponential moving average of the weights, evaluated beside them (0: none): after each
+    # update, ema = decay * ema + (1 - decay) * weights.
+    decay: float = 0.0
+    # Early updates average with min(decay, (1 + n) / (10 + n)) after n updates, so the
+    # average forgets its random start quickly (TensorFlow's num_updates rule).
+    warmup: bool = False
 
 
 @dataclass
@@ -141,6 +172,8 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     seed: int = 0
 
 
@@ -166,6 +199,7 @@ CHOICES = {
     "device.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "trainer.objective": ("auto", "val_acc", "test_acc", "val_acc_ema", "test_acc_ema"),
 }
 
 # key: (smallest allowed, whether the bound itself is allowed)
@@ -182,6 +216,8 @@ BOUNDS = {
     "trainer.limit_train_batches": (0, True),
     "trainer.limit_eval_batches": (0, True),
     "trainer.checkpoint_every_steps": (0, True),
+    "trainer.accumulate": (1, True),
+    "optim.clip_grad_norm": (0, True),
     "dataset.channels": (1, True),
     "dataset.image_size": (1, True),
     "dataset.num_classes": (2, True),
@@ -189,6 +225,13 @@ BOUNDS = {
     "dataset.test_size": (1, True),
     "dataset.num_workers": (0, True),
     "logger.log_every_steps": (1, True),
+}
+
+# Fractions and probabilities, from 0: key -> whether 1 itself is allowed.
+UNIT_RANGE = {
+    "dataset.val_fraction": False,
+    "loss.label_smoothing": False,
+    "ema.decay": False,
 }
 
 
@@ -223,6 +266,27 @@ def _check_table(cfg: Any) -> None:
         if value < low or (value == low and not inclusive):
             rule = f">= {low}" if inclusive else f"> {low}"
             raise UserError(f"{key}={value}: must be {rule}")
+    for key, one_allowed in UNIT_RANGE.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (0 <= value <= 1 and (one_allowed or value < 1)):
+            raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
+
+
+def _check_objective(cfg: Any) -> None:
+    """trainer.objective names a metric the run reports."""
+    objective = cfg.trainer.objective
+    if objective.startswith("val") and not cfg.dataset.val_fraction:
+        raise UserError(f"trainer.objective={objective}: needs a validation split; set dataset.val_fraction "
+                        f"(e.g. 0.1), or trainer.objective=test_acc")
+    if objective.endswith("_ema") and not cfg.ema.decay:
+        raise UserError(f"trainer.objective={objective}: needs an EMA of the weights; set ema.decay (e.g. 0.999)")
+
+
+def objective(cfg: Any) -> str:
+    """The metric the run returns and keeps best.pt by."""
+    if cfg.trainer.objective == "auto":
+        return "val_acc" if cfg.dataset.val_fraction else "test_acc"
+    return cfg.trainer.objective
 
 
 def validate(cfg: Any, world_size: int = 1) -> None:
@@ -243,6 +307,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
+    _check_objective(cfg)
     if cfg.trainer.batch_size % world_size:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: the global batch must divide by the "
                         f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "

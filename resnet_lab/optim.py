@@ -1,4 +1,7 @@
-"""Optimizer registry and learning-rate schedules (stepped once per training step)."""
+"""Optimizer registry and learning-rate schedules (stepped once per update)."""
+
+import logging
+from typing import Dict, List
 
 from torch import nn, optim
 from torch.optim import lr_scheduler
@@ -6,7 +9,10 @@ from torch.optim import lr_scheduler
 from resnet_lab.errors import UserError
 from resnet_lab.registry import Registry
 
+log = logging.getLogger("resnet_lab")
+
 OPTIMIZERS = Registry("optimizer")
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @OPTIMIZERS.register()
@@ -25,16 +31,37 @@ def sgd(params, cfg, fused):
                      weight_decay=cfg.weight_decay, fused=fused)
 
 
+def no_decay_names(model: nn.Module) -> List[str]:
+    """The parameters weight decay should leave alone: normalisation layers' weights and every bias."""
+    return [f"{module_name}.{name}".lstrip(".") for module_name, module in model.named_modules()
+            for name, _ in module.named_parameters(recurse=False)
+            if name == "bias" or isinstance(module, NORMS)]
+
+
+def param_groups(model: nn.Module, cfg) -> List[Dict]:
+    """One group, or with cfg.no_decay_norm_bias a second one without weight decay."""
+    if not cfg.no_decay_norm_bias:
+        return [{"params": list(model.parameters())}]
+    exempt = set(no_decay_names(model))
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in exempt]},
+              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+    sizes = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in groups]
+    log.info(f"optimizer groups: weight decay {cfg.weight_decay} on {sizes[0][0]} tensors ({sizes[0][1]:,} "
+             f"parameters), none on {sizes[1][0]} norm weights and biases ({sizes[1][1]:,} parameters)")
+    return groups
+
+
 def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
     # On CUDA the fused kernels update every parameter in one launch, and they take fp16's
     # loss scaling without the grad scaler reading the device each step.
     fused = next(model.parameters()).is_cuda or None
-    return OPTIMIZERS.get(cfg.name)(model.parameters(), cfg, fused)
+    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg), cfg, fused)
 
 
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
                     epochs: int) -> lr_scheduler.LRScheduler:
-    """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps)."""
+    """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps: updates)."""
     total_steps = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     main_steps = max(1, total_steps - warmup)

@@ -2,6 +2,7 @@
 
 import functools
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -18,6 +19,37 @@ class Data:
     test: Loader
     in_channels: int
     num_classes: int
+    val: Optional[Loader] = None  # held out of the training set (dataset.val_fraction)
+
+
+def labels_of(split) -> torch.Tensor:
+    """The labels of a TensorSplit, an ImageFolder or a Subset of one, without reading images."""
+    if isinstance(split, TensorSplit):
+        return split.labels
+    if isinstance(split, torch.utils.data.Subset):
+        return labels_of(split.dataset)[torch.as_tensor(split.indices)]
+    return torch.as_tensor(split.targets)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: round(fraction * n) of each class's n images go to val, drawn with
+    a fixed seed so that every run, whatever its seed, holds out the same images."""
+    gen = torch.Generator().manual_seed(0)
+    val = []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        val.append(members[:round(fraction * len(members))])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def subset(split, indices: torch.Tensor):
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.images[indices], split.labels[indices])
+    return torch.utils.data.Subset(split, indices.tolist())
 
 
 def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
@@ -26,6 +58,13 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
     train, test, num_classes = DATASETS.get(cfg.name)(cfg)
+    val = None
+    if cfg.val_fraction:
+        train_idx, val_idx = stratified_split(labels_of(train), cfg.val_fraction)
+        if not len(val_idx):
+            raise UserError(f"dataset.val_fraction={cfg.val_fraction}: holds out no image of the {len(train)} "
+                            f"training images of dataset {cfg.name}; raise it")
+        train, val = subset(train, train_idx), subset(train, val_idx)
     if isinstance(train, TensorSplit):
         stats_images = train.images
     else:
@@ -41,14 +80,19 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
     else:
         make = functools.partial(HostLoader, num_workers=cfg.num_workers)
     shard = {"rank": rank, "world_size": world_size}
+
+    def evaluation(split) -> Loader:
+        return make(split, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
+                    limit=trainer.limit_eval_batches, **shard)
+
     return Data(
         train=make(train, trainer.batch_size, normalizer, shuffle=True, seed=seed,
                    augment=cfg.augment != "none", limit=trainer.limit_train_batches, **shard),
-        test=make(test, trainer.eval_batch_size, normalizer, shuffle=False, seed=seed,
-                  limit=trainer.limit_eval_batches, **shard),
+        test=evaluation(test),
         in_channels=stats_images.shape[1],
         num_classes=num_classes,
+        val=None if val is None else evaluation(val),
     )
 
 
-__all__ = ["DATASETS", "Data", "build_data"]
+__all__ = ["DATASETS", "Data", "build_data", "labels_of", "stratified_split"]

@@ -1,0 +1,236 @@
+"""Training recipes: each trick does exactly what its name says (label smoothing, gradient
+accumulation and clipping, the no-decay group, an EMA of the weights, the validation split), and
+bad values are one line."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+
+import resnet_lab.train  # noqa: F401  (registers the schema)
+from resnet_lab import device as device_setup
+from resnet_lab.config import validate
+from resnet_lab.data import build_data, stratified_split
+from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
+from resnet_lab.engine import Callback, RunningTotals, train_epoch
+from resnet_lab.errors import UserError
+from resnet_lab.features import EMA, GradClip
+from resnet_lab.models import build_model
+from resnet_lab.optim import build_optimizer, param_groups
+from resnet_lab.train import train
+from tests.runs import for_kind, metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def composed(*overrides):
+    with initialize_config_module("resnet_lab.conf", version_base="1.3"):
+        return compose("config", overrides=for_kind(["device=cpu", "device.precision=fp32", *overrides]))
+
+
+def runtime():
+    return device_setup.resolve(composed().device)
+
+
+def loader(images, labels, batch, **kw):
+    return DeviceLoader(TensorSplit(images, labels), batch, Normalizer(torch.zeros(1), torch.ones(1) / 255, CPU),
+                        shuffle=True, **kw)
+
+
+def one_epoch(model, data, optimizer, callbacks=(), **kw):
+    """Train `model` one epoch over `data` with a constant schedule; the epoch's totals."""
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    totals = RunningTotals(CPU)
+    rt = runtime()
+    train_epoch(model, data, optimizer, scheduler, rt.grad_scaler(), rt, 1, totals, 0, callbacks, **kw)
+    return totals
+
+
+def linear_net(seed=0, inputs=16, classes=3):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, classes))
+
+
+class Identity(torch.nn.Module):
+    """Logits = the flattened input, times a weight of 1 for the optimizer to hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x.flatten(1) * self.one
+
+
+def test_smoothed_loss_is_the_formula_on_known_logits():
+    # A model whose logits are its fixed input: the loss the loop adds up is the smoothed loss of
+    # those logits, and lr=0 leaves them as they are.
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 1.0], [-2.0, 0.0, 4.0]])
+    labels = torch.tensor([0, 2, 1, 2])
+    images = logits.view(4, 1, 1, 3)
+    net = Identity()
+    data = DeviceLoader(TensorSplit(images, labels), 4, Normalizer(torch.zeros(1), torch.ones(1) / 255, CPU),
+                        shuffle=False)
+    s = 0.1
+    totals = one_epoch(net, data, torch.optim.SGD(net.parameters(), lr=0.0), label_smoothing=s)
+    log_p = logits.log_softmax(1)
+    # (1 - s) * -log p(label) + s * mean over the 3 classes of -log p(class)
+    expected = ((1 - s) * -log_p[torch.arange(4), labels] + s * -log_p.mean(1)).mean()
+    assert totals.loss_sum.item() / totals.seen == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+
+
+def test_accumulating_4_batches_of_64_is_one_batch_of_256_without_batch_norm():
+    # 300 images: an update from 256 and one from the last 44, both ways; SGD with momentum and
+    # weight decay, so the second update depends on the first.
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 1, 4, 4), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 3, (300,), generator=gen)
+    results = []
+    for batch, accumulate in ((256, 1), (64, 4)):
+        net = linear_net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+        counted = Counter()
+        one_epoch(net, loader(images, labels, batch), optimizer, [counted], accumulate=accumulate)
+        results.append((net.state_dict(), counted.updates))
+    (big, updates_big), (small, updates_small) = results
+    assert updates_big == updates_small == [1, 2]  # after_step sees each update's last batch
+    assert all(torch.allclose(big[k], small[k], atol=1e-6) for k in big)
+    assert not torch.allclose(big["1.weight"], linear_net().state_dict()["1.weight"], atol=1e-3)
+
+
+class Counter(Callback):
+    def __init__(self):
+        self.updates, self.batches = [], []
+
+    def after_step(self, step, loss):
+        self.updates.append(len(self.updates) + 1)
+        self.batches.append(step)
+
+
+def test_accumulation_calls_after_step_at_each_group_s_last_batch():
+    images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)
+    net = linear_net()
+    counted = Counter()
+    one_epoch(net, loader(images, torch.zeros(10, dtype=torch.long), 2), torch.optim.SGD(net.parameters(), lr=0.1),
+              [counted], accumulate=2)
+    assert counted.batches == [1, 3, 4]  # 5 batches: groups of 2, 2 and 1
+
+
+class Weights(Callback):
+    """Records the trained model's weights after every update."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def after_step(self, step, loss):
+        self.seen.append(copy.deepcopy(self.model.state_dict()))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_weights_follow_the_recurrence_by_hand(warmup):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=gen)
+    net = torch.nn.Sequential(linear_net(), torch.nn.BatchNorm1d(3))  # a buffer and a step counter too
+    start = copy.deepcopy(net.state_dict())
+    ema = EMA(net, 0.8, warmup, evaluate=lambda model: {})
+    weights = Weights(net)
+    one_epoch(net, loader(images, torch.randint(0, 3, (40,), generator=gen), 8),
+              torch.optim.SGD(net.parameters(), lr=0.5), [ema, weights])
+    expected = start
+    for n, now in enumerate(weights.seen):
+        d = min(0.8, (1 + n) / (10 + n)) if warmup else 0.8
+        expected = {k: d * expected[k] + (1 - d) * now[k] if now[k].is_floating_point() else now[k] for k in now}
+    average = ema.average.state_dict()
+    assert len(weights.seen) == 5 and ema.updates == 5
+    assert all(torch.allclose(average[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+    assert average["1.num_batches_tracked"] == 5
+    assert not torch.allclose(average["0.1.weight"], net.state_dict()["0.1.weight"])
+
+
+def test_clipping_scales_the_gradient_to_the_norm_and_keeps_the_norm_before():
+    net = linear_net()
+    net(torch.randn(4, 16)).pow(2).sum().mul(100).backward()
+    before = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert before > 1
+    clip = GradClip(net, 1.0, CPU)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    clip.before_optimizer_step(0, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    after = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert after == pytest.approx(1.0, rel=1e-5)
+    assert clip.logged()["grad_norm"].item() == pytest.approx(before.item(), rel=1e-5)
+    assert clip.end_epoch() == {"grad_norm": pytest.approx(before.item(), rel=1e-5)}
+
+
+def test_the_no_decay_group_holds_exactly_the_norm_weights_and_biases():
+    # resnet18_d2l has conv biases and BN-less projections: biases outside norm layers too.
+    model = build_model(composed("model=resnet18_d2l", "model.width=4").model, 1, 10)
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    biases = {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    assert biases - norms  # the conv and fc biases
+    cfg = composed("optim=sgd", "optim.weight_decay=5e-4", "optim.no_decay_norm_bias=true").optim
+    decay, no_decay = param_groups(model, cfg)
+    assert {id(p) for p in no_decay["params"]} == norms | biases
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters()} - norms - biases
+    optimizer = build_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+    assert len(build_optimizer(model, composed("optim=sgd").optim).param_groups) == 1
+
+
+def test_the_validation_split_is_disjoint_stratified_and_the_same_every_run():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[torch.randperm(100, generator=torch.Generator().manual_seed(3))]
+    train_idx, val_idx = stratified_split(labels, 0.1)
+    assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
+    assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(100))
+    assert labels[val_idx].bincount().tolist() == [5, 3, 2]
+    again = stratified_split(labels, 0.1)[1]
+    assert torch.equal(again, val_idx)
+    # Through build_data: no held-out image trains, whatever the run's seed.
+    cfg = composed("dataset=synthetic", "dataset.val_fraction=0.25", "trainer.batch_size=32")
+    data = build_data(cfg.dataset, cfg.trainer, CPU, seed=5)
+    train_images = {bytes(im.numpy()) for im in data.train.images}
+    val_images = [bytes(im.numpy()) for im in data.val.images]
+    assert data.val.num_samples + data.train.num_samples == 512 and data.val.num_samples == pytest.approx(128, abs=5)
+    assert not train_images.intersection(val_images)
+    full = build_data(composed("dataset=synthetic").dataset, cfg.trainer, CPU, seed=5).train.labels.bincount()
+    assert torch.allclose(data.val.labels.bincount() / data.val.num_samples, full / 512, atol=0.01)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("loss.label_smoothing=1.0", "loss.label_smoothing=1.0: must be in [0, 1)"),
+    ("loss.label_smoothing=-0.1", "loss.label_smoothing=-0.1: must be in [0, 1)"),
+    ("trainer.accumulate=0", "trainer.accumulate=0: must be >= 1"),
+    ("ema.decay=1.0", "ema.decay=1.0: must be in [0, 1)"),
+    ("dataset.val_fraction=1.0", "dataset.val_fraction=1.0: must be in [0, 1)"),
+    ("optim.clip_grad_norm=-1", "optim.clip_grad_norm=-1.0: must be >= 0"),
+    ("trainer.objective=val_acc", "trainer.objective=val_acc: needs a validation split"),
+    ("trainer.objective=test_acc_ema", "trainer.objective=test_acc_ema: needs an EMA"),
+    ("trainer.objective=loss", "trainer.objective=loss: must be one of auto, val_acc"),
+])
+def test_bad_recipe_values_are_one_line(override, words):
+    with pytest.raises(UserError) as raised:
+        validate(composed(override))
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_run_with_every_recipe_key_reports_and_returns_its_validation_accuracy(fmnist_root, tmp_path):
+    cfg = composed(f"dataset.root={fmnist_root}", "dataset.download=false", "model.width=8",
+                   "trainer.batch_size=32", "trainer.epochs=2", "trainer.limit_train_batches=3",
+                   "trainer.progress=false", "logger=none", "dataset.val_fraction=0.2", "loss.label_smoothing=0.1",
+                   "optim.clip_grad_norm=1.0", "optim.no_decay_norm_bias=true", "ema.decay=0.9", "ema.warmup=true",
+                   "trainer.accumulate=2", "trainer.tta=true")
+    result = train(cfg, tmp_path)
+    rows = metrics(tmp_path)
+    assert result == rows[-1]["val_acc"]
+    for key in ("val_loss", "val_acc", "test_acc", "grad_norm", "val_acc_ema", "test_acc_ema", "test_loss_ema"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["features"]["ema"]["updates"] == 4  # 2 epochs of 3 batches, 2 to an update
+    assert state["scheduler"]["last_epoch"] == 4
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
