@@ -32,6 +32,19 @@ class DatasetConfig:
     # The share of the training set held out, stratified by class and the same in every run,
     # to choose settings on instead of the test set (0: none).
     val_fraction: float = 0.0
+    # Training batches only, on the device (docs/recipes.md): TrivialAugmentWide or RandAugment
+    # per image, a vertical flip (p = 1/2) and a rotation by up to `rotate` degrees per image,
+    # random erasing of each image with probability erase_prob, Mixup / CutMix of batches.
+    auto_augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    vflip: bool = False
+    rotate: float = 0.0
+    erase_prob: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # the probability a batch is mixed (with either alpha > 0)
+    switch_prob: float = 0.5  # with both alphas > 0, the probability of CutMix rather than Mixup
 
 
 @dataclass
@@ -200,6 +213,7 @@ CHOICES = {
     "logger.name": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.objective": ("auto", "val_acc", "test_acc", "val_acc_ema", "test_acc_ema"),
+    "dataset.auto_augment": ("none", "trivial", "randaugment"),
 }
 
 # key: (smallest allowed, whether the bound itself is allowed)
@@ -217,6 +231,11 @@ BOUNDS = {
     "trainer.limit_eval_batches": (0, True),
     "trainer.checkpoint_every_steps": (0, True),
     "trainer.accumulate": (1, True),
+    "dataset.randaugment_ops": (1, True),
+    "dataset.randaugment_magnitude": (0, True),
+    "dataset.rotate": (0, True),
+    "dataset.mixup_alpha": (0, True),
+    "dataset.cutmix_alpha": (0, True),
     "optim.clip_grad_norm": (0, True),
     "dataset.channels": (1, True),
     "dataset.image_size": (1, True),
@@ -232,6 +251,9 @@ UNIT_RANGE = {
     "dataset.val_fraction": False,
     "loss.label_smoothing": False,
     "ema.decay": False,
+    "dataset.erase_prob": True,
+    "dataset.mix_prob": True,
+    "dataset.switch_prob": True,
 }
 
 
@@ -308,6 +330,9 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)
+    if cfg.dataset.randaugment_magnitude > 30:
+        raise UserError(f"dataset.randaugment_magnitude={cfg.dataset.randaugment_magnitude}: must be in 0..30 "
+                        f"(of torchvision's 31 magnitude bins)")
     if cfg.trainer.batch_size % world_size:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: the global batch must divide by the "
                         f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "

@@ -15,11 +15,13 @@ import resnet_lab.train  # noqa: F401  (registers the schema)
 from resnet_lab import device as device_setup
 from resnet_lab.config import validate
 from resnet_lab.data import build_data, stratified_split
+from resnet_lab.data.augment import AutoAugment, Mixing, Recipe, random_erase
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.engine import Callback, RunningTotals, train_epoch
+from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.features import EMA, GradClip
 from resnet_lab.models import build_model
+from resnet_lab.models.resnet import DropPath
 from resnet_lab.optim import build_optimizer, param_groups
 from resnet_lab.train import train
 from tests.runs import for_kind, metrics
@@ -234,3 +236,122 @@ def test_a_run_with_every_recipe_key_reports_and_returns_its_validation_accuracy
     assert state["features"]["ema"]["updates"] == 4  # 2 epochs of 3 batches, 2 to an update
     assert state["scheduler"]["last_epoch"] == 4
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+def test_a_mixup_batch_is_the_convex_combination_with_the_drawn_lambda():
+    mixing = Mixing(num_classes=4, mixup_alpha=0.4)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    mix = mixing.draw(seed=7, height=8, width=8)
+    assert mix.kind == "mixup" and 0 < mix.lam < 1
+    mixed, weights = mixing.apply(x, y, mix)
+    assert torch.allclose(mixed, mix.lam * x + (1 - mix.lam) * x[[5, 4, 3, 2, 1, 0]])
+    expected = mix.lam * F.one_hot(y, 4) + (1 - mix.lam) * F.one_hot(y[[5, 4, 3, 2, 1, 0]], 4)
+    assert torch.allclose(weights, expected.float())
+    assert mixing.draw(seed=7, height=8, width=8) == mix != mixing.draw(seed=8, height=8, width=8)
+
+
+def test_a_cutmix_box_s_area_matches_its_lambda():
+    mixing = Mixing(num_classes=3, cutmix_alpha=1.0)
+    x, y = torch.randn(4, 1, 20, 30), torch.tensor([0, 1, 2, 0])
+    for seed in range(20):
+        mix = mixing.draw(seed, 20, 30)
+        top, bottom, left, right = mix.box
+        assert mix.kind == "cutmix" and (bottom - top) * (right - left) == pytest.approx((1 - mix.lam) * 600)
+        mixed, weights = mixing.apply(x, y, mix)
+        pasted = torch.zeros(20, 30, dtype=torch.bool)
+        pasted[top:bottom, left:right] = True
+        assert torch.equal(mixed[..., pasted], x.flip(0)[..., pasted]) and torch.equal(mixed[..., ~pasted], x[..., ~pasted])
+        assert torch.allclose(weights, mix.lam * F.one_hot(y, 3) + (1 - mix.lam) * F.one_hot(y.flip(0), 3))
+
+
+def test_mix_prob_and_switch_prob_choose_per_batch():
+    both = Mixing(num_classes=2, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=0.5)
+    kinds = [both.draw(seed, 8, 8).kind for seed in range(200)]
+    assert 60 < kinds.count("cutmix") < 140 and kinds.count("cutmix") + kinds.count("mixup") == 200
+    never = Mixing(num_classes=2, mixup_alpha=1.0, prob=0.0)
+    mix = never.draw(0, 8, 8)
+    assert mix.kind == "none"
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    mixed, weights = never.apply(x, y, mix)
+    assert torch.equal(mixed, x) and torch.equal(weights, F.one_hot(y, 2).float())
+
+
+def recipe_loader(n=24, batch=8, rank=0, world_size=1, **recipe):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 12, 12), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    return loader(images, labels, batch, augment=True, rank=rank, world_size=world_size, recipe=Recipe(**recipe))
+
+
+def test_every_augmentation_is_a_function_of_seed_epoch_batch_and_rank():
+    recipe = {"auto": AutoAugment("trivial"), "vflip": True, "rotate": 15.0, "erase_prob": 0.5,
+              "mixing": Mixing(3, mixup_alpha=0.4, cutmix_alpha=1.0)}
+    whole = list(recipe_loader(**recipe).batches(2))
+    again = list(recipe_loader(**recipe).batches(2, start=1))  # a resumed epoch
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[1:], again))
+    assert all(torch.allclose(y.sum(1), torch.ones(len(y))) for _, y in whole)
+    assert not torch.equal(whole[0][0], list(recipe_loader(**recipe).batches(3))[0][0])
+    # Two ranks: each image gets the augmentation one rank gives it (mixing pairs within a part).
+    no_mix = {**recipe, "mixing": None}
+    one = list(recipe_loader(**no_mix).batches(2))
+    two = [list(recipe_loader(rank=r, world_size=2, **no_mix).batches(2)) for r in (0, 1)]
+    assert all(torch.equal(torch.cat([two[0][i][0], two[1][i][0]]), x) for i, (x, _) in enumerate(one))
+
+
+def test_auto_augmentation_draws_per_image():
+    same = torch.full((32, 3, 16, 16), 100, dtype=torch.uint8)
+    same[:, :, 4:12, 4:12] = 200
+    for kind in ("trivial", "randaugment"):
+        out = AutoAugment(kind)(same, seed=1, part=slice(0, 32), total=32)
+        assert out.dtype == torch.uint8 and out.shape == same.shape
+        assert len({bytes(image.numpy()) for image in out}) > 8, kind  # one draw for all would give 1
+
+
+def test_random_erasing_erases_rectangles_of_the_drawn_sizes():
+    x = torch.randn(400, 1, 20, 20) + 10  # no zero but the erased ones
+    erased = random_erase(x, seed=3, part=slice(0, 400), total=400, prob=0.5) == 0
+    hit = erased.flatten(1).any(1)
+    assert 150 < hit.sum() < 250
+    for mask in erased[hit, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == height * width  # a filled rectangle
+        assert 1 <= mask.sum() <= 400 / 3 + 20
+
+
+def test_drop_path_drops_whole_branches_per_image_in_training_only():
+    drop = DropPath(0.5)
+    x = torch.ones(2000, 2, 3, 3)
+    out = drop(x)
+    per_image = out.flatten(1)
+    assert set(per_image.unique().tolist()) == {0.0, 2.0} and (per_image.std(1) == 0).all()
+    assert per_image[:, 0].mean() == pytest.approx(1.0, abs=0.1)
+    assert torch.equal(drop.eval()(x), x)
+    model = build_model(composed("model=resnet20", "model.drop_path=0.3", "model.width=4").model, 1, 10)
+    rates = [m.p for m in model.modules() if isinstance(m, DropPath)]
+    assert len(rates) == 9 and rates[-1] == pytest.approx(0.3) and rates[0] == pytest.approx(0.3 / 9)
+
+
+def test_tta_averages_the_logits_of_each_image_and_its_mirror():
+    images = torch.randint(0, 256, (6, 1, 2, 3), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    data = DeviceLoader(TensorSplit(images, labels), 6, Normalizer(torch.zeros(1), torch.ones(1) / 255, CPU),
+                        shuffle=False)
+    net = Identity()
+    plain = evaluate(net, data, runtime())
+    tta = evaluate(net, data, runtime(), tta=True)
+    logits = (images.float().flatten(1) + images.float().flip(3).flatten(1)) / 2
+    assert tta["test_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert plain["test_loss"] != pytest.approx(tta["test_loss"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("dataset.erase_prob=1.5", "dataset.erase_prob=1.5: must be in [0, 1]"),
+    ("dataset.mix_prob=2", "dataset.mix_prob=2.0: must be in [0, 1]"),
+    ("dataset.mixup_alpha=-1", "dataset.mixup_alpha=-1.0: must be >= 0"),
+    ("dataset.auto_augment=autoaugment", "dataset.auto_augment=autoaugment: must be one of none, trivial"),
+    ("dataset.randaugment_magnitude=31", "dataset.randaugment_magnitude=31: must be in 0..30"),
+    ("model.drop_path=1", "model.drop_path=1.0: must be in [0, 1)"),
+])
+def test_bad_augmentation_values_are_one_line(override, words):
+    test_bad_recipe_values_are_one_line(override, words)

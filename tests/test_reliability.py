@@ -110,9 +110,11 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
 
 
 # Every training feature with state or randomness of its own: an EMA (with warm-up), updates of
-# 2 batches, clipping (its epoch's mean norm is in the rows).
+# 2 batches, clipping (its epoch's mean norm is in the rows), Mixup and CutMix, per-image
+# augmentation and erasing, stochastic depth.
 RECIPE = ["trainer.accumulate=2", "ema.decay=0.9", "ema.warmup=true", "optim.clip_grad_norm=0.5",
-          "trainer.epochs=2"]
+          "dataset.mixup_alpha=0.4", "dataset.cutmix_alpha=1.0", "dataset.auto_augment=trivial",
+          "dataset.erase_prob=0.5", "model.drop_path=0.2", "trainer.epochs=2"]
 
 
 def test_a_recipe_run_killed_mid_epoch_resumes_to_the_metrics_of_one_never_stopped(fmnist_root, tmp_path):

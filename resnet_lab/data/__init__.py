@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from resnet_lab.data.augment import build_recipe
 from resnet_lab.data.loader import DeviceLoader, HostLoader, Loader, Normalizer, TensorSplit, channel_stats
 from resnet_lab.data.sources import DATASETS
 from resnet_lab.errors import UserError
@@ -87,7 +88,8 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
 
     return Data(
         train=make(train, trainer.batch_size, normalizer, shuffle=True, seed=seed,
-                   augment=cfg.augment != "none", limit=trainer.limit_train_batches, **shard),
+                   augment=cfg.augment != "none", limit=trainer.limit_train_batches,
+                   recipe=build_recipe(cfg, num_classes), **shard),
         test=evaluation(test),
         in_channels=stats_images.shape[1],
         num_classes=num_classes,
