@@ -101,6 +101,8 @@ class SchedConfig:
     min_lr: float = 0.0
     # step: lr *= gamma at each milestone, given as fractions of the whole training.
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
+    # step: the updates to multiply at instead, as papers give them (32k and 48k iterations).
+    milestone_steps: List[int] = field(default_factory=list)
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
@@ -327,6 +329,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         )
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
+    if not all(s >= 1 for s in cfg.sched.milestone_steps):
+        raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)

@@ -73,7 +73,8 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=cfg.min_lr)
     elif cfg.name == "step":
-        milestones = sorted({max(1, round(m * total_steps) - warmup) for m in cfg.milestones})
+        at = cfg.milestone_steps or [round(m * total_steps) for m in cfg.milestones]
+        milestones = sorted({max(1, s - warmup) for s in at})
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
     elif cfg.name == "none":
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

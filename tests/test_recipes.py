@@ -5,11 +5,14 @@ bad values are one line."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 import resnet_lab.train  # noqa: F401  (registers the schema)
 from resnet_lab import device as device_setup
@@ -22,8 +25,10 @@ from resnet_lab.errors import UserError
 from resnet_lab.features import EMA, GradClip
 from resnet_lab.models import build_model
 from resnet_lab.models.resnet import DropPath
-from resnet_lab.optim import build_optimizer, param_groups
+from resnet_lab.optim import build_optimizer, build_scheduler, param_groups
 from resnet_lab.train import train
+from tests.conftest import write_cifar_like
+from tests.launch import multirun
 from tests.runs import for_kind, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -355,3 +360,63 @@ def test_tta_averages_the_logits_of_each_image_and_its_mirror():
 ])
 def test_bad_augmentation_values_are_one_line(override, words):
     test_bad_recipe_values_are_one_line(override, words)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar_like(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(autouse=True)
+def any_cifar_checksum(monkeypatch):
+    import torchvision.datasets.cifar
+
+    # Our pickles are in CIFAR's real format but cannot match the published MD5 sums.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_composes_and_trains_a_few_steps(preset, cifar_root, fmnist_root, tmp_path):
+    probe = composed(f"experiment={preset}")
+    validate(probe)
+    root = cifar_root if probe.dataset.name == "cifar10" else fmnist_root
+    cfg = composed(f"experiment={preset}", "debug=smoke", f"dataset.root={root}", "dataset.download=false",
+                   "model.width=4", "trainer.limit_train_batches=2", "trainer.progress=false")
+    train(cfg, tmp_path)
+    row, = metrics(tmp_path)
+    assert row["epoch"] == 1 and 0 <= row["test_acc"] <= 1 and math.isfinite(row["train_loss"])
+    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert trained["optim"] == OmegaConf.to_container(probe.optim)
+    assert trained["dataset"]["augment"] == probe.dataset.augment
+
+
+def test_the_he2015_preset_is_the_paper_s_schedule_and_its_depth_table_one_sweep(cifar_root, tmp_path):
+    he = composed("experiment=cifar10_he2015")
+    assert (he.optim.name, he.optim.lr, he.optim.momentum, he.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+    assert (he.trainer.batch_size, he.dataset.augment, list(he.sched.milestone_steps)) == (128, "flip_crop",
+                                                                                          [32000, 48000])
+    steps = math.ceil(50000 / 128) * he.trainer.epochs
+    assert 64000 <= steps < 64000 + math.ceil(50000 / 128)  # 64k iterations, to the epoch
+    code, sweep, _ = multirun(tmp_path, cifar_root, "experiment=cifar10_he2015", "model=resnet20,resnet32",
+                              "model.width=4", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1")
+    assert code == 0
+    jobs = [yaml.safe_load((sweep / str(i) / ".hydra" / "config.yaml").read_text()) for i in (0, 1)]
+    assert [job["model"]["layers"] for job in jobs] == [[3, 3, 3], [5, 5, 5]]
+    assert all(job["sched"]["milestone_steps"] == [32000, 48000] for job in jobs)
+    assert all((sweep / str(i) / "metrics.jsonl").exists() for i in (0, 1))
+
+
+def test_milestone_steps_divide_the_rate_at_those_updates():
+    net = linear_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    scheduler = build_scheduler(optimizer, composed("sched=step", "sched.milestone_steps=[3,5]").sched,
+                                steps_per_epoch=4, epochs=2)
+    rates = []
+    for _ in range(7):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01])
