@@ -240,6 +240,8 @@ def test_a_run_with_every_recipe_key_reports_and_returns_its_validation_accuracy
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["features"]["ema"]["updates"] == 4  # 2 epochs of 3 batches, 2 to an update
     assert state["scheduler"]["last_epoch"] == 4
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best_acc"] == max(row["val_acc"] for row in rows)  # best.pt keeps the objective's best
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
 
 

@@ -30,6 +30,14 @@ def device_draws(seed: int, stage: int, device: torch.device) -> torch.Generator
     return torch.Generator(device=device).manual_seed(int(draws(seed, stage).integers(2**62)))
 
 
+def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for it (through pinned memory on CUDA)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class AutoAugment:
     """TrivialAugmentWide (one operation of random strength per image) or RandAugment
     (`num_ops` operations of strength `magnitude` of 31 per image), per image as in the papers:
@@ -52,12 +60,15 @@ class AutoAugment:
             groups = defaultdict(list)
             for i, key in enumerate(zip(ops.tolist(), strengths.tolist(), negative.tolist())):
                 groups[key].append(i)
-            out = images.clone()
-            for (op, strength, neg), members in groups.items():
+            # Each group's images, by position in one upload: indexing the device with a list
+            # from the host would wait for the device at every group.
+            members = upload(np.concatenate(list(groups.values())), images.device)
+            out, start = images.clone(), 0
+            for (op, strength, neg), group in groups.items():
                 name, (magnitudes, signed) = self.space[op]
                 table = magnitudes(bins, images.shape[-2], images.shape[-1])
                 amount = 0.0 if table is None else float(table[strength]) * (-1 if signed and neg else 1)
-                index = torch.tensor(members, device=images.device)
+                index, start = members[start:start + len(group)], start + len(group)
                 out[index] = self.op._apply_image_or_video_transform(
                     images[index], name, amount, interpolation=self.op.interpolation, fill=self.op._fill)
             images = out
