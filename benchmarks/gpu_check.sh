@@ -19,7 +19,13 @@ step() {  # step NAME COMMAND...: run it under the time limit, its output to OUT
     echo "== $name: $*"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     status=$?
-    echo "== $name: exit status $status"
+    if ((status == 124)); then
+        echo "== $name: stopped at the ${limit} s limit"
+    elif ((status > 128)); then  # the shell's 128 + N for a death by signal N
+        echo "== $name: died of SIG$(kill -l $((status - 128))) (signal $((status - 128))); its log: $out/$name.log"
+    else
+        echo "== $name: exit status $status"
+    fi
     echo "$name $status" >>"$out/status.txt"
 }
 

@@ -30,20 +30,28 @@ import threading
 import time
 from pathlib import Path
 
+from resnet_lab.errors import ended
+
 PIPELINES = ("baseline", "bare", "resnet_lab", "bare_best", "resnet_lab_best")
 EAGER = {"precision": "fp32", "channels_last": False, "compile": False}
 SAMPLE_S = 0.1  # how often the parent reads each pipeline's memory
 SETTLE_S = 0.5  # after a baseline round its workers refill their queue: let them, not the next pipeline
 
 
-def settings(name: str, device: str) -> dict:
-    """EAGER, or for the _best pipelines the device's defaults, compiled on CUDA only: on the
-    CPU compilation gained nothing in steady state and costs half a minute (README, "Speed")."""
+def settings(name: str, device: str, width: int) -> dict:
+    """EAGER, or for the _best pipelines the device's defaults for resnet18 at `width` (where
+    channels_last would crash oneDNN, without it), compiled on CUDA only: on the CPU compilation
+    gained nothing in steady state and costs half a minute (docs/speed.md)."""
     if not name.endswith("_best"):
         return EAGER
-    from resnet_lab.device import defaults
+    from resnet_lab.device import channels_last_hazard, defaults
+    from resnet_lab.models import MODELS
 
-    return {**defaults(device), "compile": device == "cuda"}
+    chosen = dict(defaults(device))
+    if device == "cpu" and chosen["channels_last"]:
+        model = MODELS.get("resnet18")(in_channels=1, num_classes=10, width=width)
+        chosen["channels_last"] = channels_last_hazard(model) is None
+    return {**chosen, "compile": device == "cuda"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def child(args) -> None:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the replies
     device = torch.device(args.device)
-    run = BUILDERS[args.child](args, device, settings(args.child, args.device))
+    run = BUILDERS[args.child](args, device, settings(args.child, args.device, args.width))
 
     def sync():
         if device.type == "cuda":
@@ -258,8 +266,7 @@ class Child:
             self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"error: pipeline {self.name} exited with status {self.proc.wait()} "
-                             f"(its messages are above)")
+            raise SystemExit(f"error: pipeline {self.name} {ended(self.proc.wait())} (its messages are above)")
         return json.loads(line)
 
 
@@ -331,7 +338,7 @@ def measure(args) -> dict:
             "cuda_peak_mb": final["cuda_peak_mb"],
             "warmup_s": warmup[name],
             "model": "resnet18_d2l" if name == "baseline" else "resnet18",
-            **settings(name, args.device),
+            **settings(name, args.device, args.width),
         }
     watch.stopped.set()
     wait_end, seconds = cpu_wait_us(), time.monotonic() - start

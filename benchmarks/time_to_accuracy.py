@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet_lab.errors import ended
+
 POLL_S = 0.1
 STOP_TIMEOUT_S = 120  # for the run to write its checkpoint and exit once stopped
 RECIPE = ["model=resnet18", "model.stem=cifar", "dataset=fashion_mnist", "dataset.augment=flip_crop",
@@ -72,7 +74,8 @@ def measure(args, run_dir: Path) -> dict:
         # step; -15: our SIGTERM came before it set up its handler (still starting).
         if proc.returncode != 0 and not (stopped and proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM)):
             errors.seek(0)
-            raise SystemExit(f"error: the run failed with exit status {proc.returncode}:\n{errors.read()[-3000:]}")
+            raise SystemExit(f"{errors.read()[-3000:]}\nerror: the run {ended(proc.returncode)}; its log: "
+                             f"{run_dir / 'train.log'}")
     seen += [{**row, "wall_s": None} for row in rows(metrics)[len(seen):]]  # written as it exited
     reached = reached or next((r for r in seen if r["test_acc"] >= args.target), None)
     return {

@@ -1,16 +1,19 @@
 """Where and how the model runs: device, precision, memory format, compilation."""
 
 import contextlib
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from resnet_lab.distributed import Ranks
 from resnet_lab.errors import UserError
 
-# Defaults for settings left null, per device, chosen from measurements (README, "Speed").
-# CPU: channels_last helps or is neutral; bf16 autocast is the fastest precision where the CPU
-# has bf16 instructions and slower than fp32 where it emulates them (see `defaults`).
+# Defaults for settings left null, per device, chosen from measurements (docs/devices.md).
+# CPU: channels_last helps or is neutral, except on networks whose convolutions crash oneDNN
+# (`channels_last_hazard`); bf16 autocast is the fastest precision where oneDNN runs the CPU's
+# bf16 instructions and slower than fp32 where it emulates them (see `defaults`).
 # CUDA: bf16 autocast and channels_last feed the tensor cores.
 DEFAULTS = {
     "cpu": {"precision": "fp32", "channels_last": True},
@@ -27,6 +30,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     compile_mode: str
+    channels_last_asked: bool = False  # set by the user, not by the defaults
 
     def autocast(self):
         if self.precision == "fp32":
@@ -44,21 +48,73 @@ class Runtime:
         return torch.compile(model, mode=self.compile_mode, dynamic=False) if self.compile else model
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on the device, in channels_last where that is chosen and safe: a default
+        channels_last is dropped on a network with a convolution that crashes oneDNN, an
+        asked-for one is a UserError naming it."""
+        hazard = channels_last_hazard(model) if self.device.type == "cpu" and self.channels_last else None
+        if hazard and self.channels_last_asked:
+            raise UserError(f"device.channels_last=true: {hazard}; leave device.channels_last unset (null) or "
+                            "set it to false")
+        self.channels_last = self.channels_last and not hazard
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 (also on every AMX CPU); torch has no public check, so the private one."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+
+def _cpu_supports(feature: str) -> bool:
+    """A CPU feature (avx2, avx512, avx512_bf16) as the hardware reports it; torch has no public
+    check, so the private ones."""
+    check = getattr(torch.cpu, f"_is_{feature}_supported", None)
     return bool(check and check())
 
 
+# oneDNN's ISA names, lowest first, as ONEDNN_MAX_CPU_ISA takes them (its cpu_isa_traits).
+ISA_ORDER = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni",
+             "avx512_core_bf16", "avx10_1_512", "avx512_core_fp16", "avx10_1_512_amx", "avx512_core_amx",
+             "avx10_1_512_amx_fp16", "avx512_core_amx_fp16")
+
+
+def onednn_isa() -> str:
+    """The widest instruction set oneDNN's CPU kernels will use here: the hardware's, capped by
+    ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA)."""
+    hardware = ("avx512_core_bf16" if _cpu_supports("avx512_bf16") else "avx512_core" if _cpu_supports("avx512")
+                else "avx2" if _cpu_supports("avx2") else "sse41")
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "all").lower()
+    if cap in ISA_ORDER and ISA_ORDER.index(cap) < ISA_ORDER.index(hardware):
+        return cap
+    return hardware
+
+
+def onednn_runs_avx512() -> bool:
+    return ISA_ORDER.index(onednn_isa()) >= ISA_ORDER.index("avx512_core")
+
+
+def channels_last_hazard(model: torch.nn.Module) -> Optional[str]:
+    """Why channels_last would crash this model on this CPU, or None. oneDNN's backward of a
+    strided 1x1 convolution with fewer input channels than one vector register holds fp32s (8
+    with AVX2, 16 with AVX-512) corrupts memory in channels_last: SIGSEGV, SIGBUS, `double free`,
+    or a hang with 2 threads (torch 2.14.1; with AVX-512 only at inputs of 56x56 and more, which
+    a convolution's place in the network does not tell, so any size counts).
+    benchmarks/onednn_channels_last_repro.py finds the cases; docs/devices.md lists them."""
+    lanes = 16 if onednn_runs_avx512() else 8
+    for name, conv in model.named_modules():
+        if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and max(conv.stride) > 1
+                and conv.in_channels < lanes):
+            return (f"the {conv.in_channels}-channel strided 1x1 convolution {name} crashes oneDNN's "
+                    f"{'AVX-512' if lanes == 16 else 'AVX2'} kernels in channels_last")
+    return None
+
+
 def defaults(kind: str) -> dict:
-    """The measured defaults for a device kind, adjusted to this machine's bf16 support."""
-    if kind == "cpu" and cpu_has_bf16():
+    """The measured defaults for a device kind, adjusted to this machine's bf16 support: bf16
+    only where oneDNN runs bf16 instructions and ATen's kernels are AVX-512 (emulated, or in
+    AVX2 elementwise kernels, it is slower than fp32)."""
+    if kind == "cpu" and onednn_isa() == "avx512_core_bf16" and torch.backends.cpu.get_cpu_capability() == "AVX512":
         return {**DEFAULTS["cpu"], "precision": "bf16"}
     if kind == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return {**DEFAULTS["cuda"], "precision": "fp16"}  # before Ampere: fp16 tensor cores only
@@ -95,4 +151,5 @@ def resolve(cfg, ranks: Ranks = Ranks()) -> Runtime:
         raise UserError(f"{ranks.world_size} ranks: local rank {ranks.local_rank} has no GPU of its own, this "
                         f"node has {torch.cuda.device_count()}; start at most that many ranks per node")
     channels_last = chosen["channels_last"] if cfg.channels_last is None else cfg.channels_last
-    return Runtime(torch.device(kind), precision, channels_last, cfg.compile, cfg.compile_mode)
+    return Runtime(torch.device(kind), precision, channels_last, cfg.compile, cfg.compile_mode,
+                   channels_last_asked=cfg.channels_last is not None)

@@ -1,6 +1,7 @@
 """Errors a user can cause and fix: reported as one line, without a traceback."""
 
 import difflib
+import signal
 
 
 class UserError(Exception):
@@ -90,3 +91,14 @@ def describe(e: BaseException):
         return (f"{e.filename}: {e.strerror}; the run folder must be writable and have free space "
                 f"(choose it with hydra.run.dir, or hydra.sweep.dir for -m)")
     return None
+
+
+def ended(status: int) -> str:
+    """How a child process ended, from its exit status (negative: the signal that killed it, as
+    subprocess gives it; 128 + N: as a shell gives it): 'died of SIGBUS (signal 7)' or
+    'failed with exit status 1'."""
+    signum = -status if status < 0 else status - 128 if 128 < status < 128 + signal.NSIG else 0
+    try:
+        return f"died of {signal.Signals(signum).name} (signal {signum})"
+    except ValueError:
+        return f"failed with exit status {status}"

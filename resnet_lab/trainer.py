@@ -95,9 +95,10 @@ def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ran
     """The parts of a run, for this rank: its data, the bare model (the optimizer and checkpoints
     hold it, so a DDP checkpoint resumes in one process), the model that trains (under DDP and
     compiled, as asked), the optimizer, the schedule and the grad scaler."""
-    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, runtime.channels_last,
-                      ranks.rank, ranks.world_size)
+    data = build_data(cfg.dataset, cfg.trainer, runtime.device, cfg.seed, ranks.rank, ranks.world_size)
+    # The network decides whether channels_last is safe, so the batches' layout follows it.
     model = runtime.prepare(build_model(cfg.model, data.in_channels, data.num_classes))
+    data.normalizer.memory_format = runtime.memory_format
     if cfg.device.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     parallel = model

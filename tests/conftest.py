@@ -5,6 +5,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never reach the network and never log to a W&B server.
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+# torch.compile's kernel cache is keyed without ATen's and oneDNN's instruction-set caps: a kernel
+# cached by a run without them crashes a run under ATEN_CPU_CAPABILITY=avx2 (as CI on an AVX2
+# machine is reproduced here), so each combination of caps gets a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "torchinductor_tests_" + "_".join(
+        os.environ.get(k, "all").lower() for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"))))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

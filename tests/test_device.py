@@ -2,6 +2,8 @@
 one, and agrees with fp32 eager on the same device."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from resnet_lab import device as device_setup
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
 from resnet_lab.engine import RunningTotals, train_epoch
 from resnet_lab.models import MODELS
+from tests import runs
 
 
 def runtime(**settings):
@@ -27,9 +30,10 @@ def train_steps(rt, steps=2):
     labels = torch.arange(16 * steps) % 10
     images = (torch.randint(0, 128, (16 * steps, 1, 16, 16)) + 12 * labels.view(-1, 1, 1, 1)).byte()
     split = TensorSplit(images, labels)
-    normalizer = Normalizer(torch.tensor([0.5]), torch.tensor([0.25]), rt.device, rt.channels_last)
+    normalizer = Normalizer(torch.tensor([0.5]), torch.tensor([0.25]), rt.device)
     loader = DeviceLoader(split, 16, normalizer, shuffle=False)
-    model = rt.prepare(MODELS.get("resnet18")(in_channels=1, num_classes=10, width=4, layers=[1, 1]))
+    model = rt.prepare(MODELS.get("resnet18")(in_channels=1, num_classes=10, width=4, layers=[1]))
+    normalizer.memory_format = rt.memory_format
     before = [p.detach().clone() for p in model.parameters()]
     forward = rt.compiled(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -87,12 +91,65 @@ def test_compile_trains_like_eager(kind, reference):
 
 def test_cpu_defaults_follow_bf16_support(monkeypatch):
     unset = {"precision": None, "channels_last": None}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert runtime(**unset).precision == "bf16"
+    # oneDNN capped at AVX2, or ATen's kernels at AVX2 (ATEN_CPU_CAPABILITY): bf16 is emulated there.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert runtime(**unset).precision == "fp32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert runtime(**unset).precision == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     rt = runtime(**unset)
     assert rt.precision == "fp32" and rt.channels_last
     assert runtime(precision="fp16", channels_last=False).precision == "fp16"  # set beats default
+
+
+def small_resnet(width, stem="cifar"):
+    return MODELS.get("resnet18")(in_channels=1, num_classes=10, width=width, layers=[1, 1], stem=stem)
+
+
+@pytest.mark.parametrize("isa, width, safe", [("AVX2", 4, False), ("AVX2", 6, False), ("AVX2", 8, True),
+                                              ("AVX512_CORE", 8, False), ("AVX512_CORE", 16, True)])
+def test_channels_last_default_is_dropped_where_onednn_crashes(monkeypatch, isa, width, safe):
+    # The rule of benchmarks/onednn_channels_last_repro.py: a strided 1x1 convolution (a
+    # downsampling shortcut) with fewer input channels than an AVX2 (8) or AVX-512 (16) register
+    # holds fp32s crashes.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    rt = runtime(channels_last=None)
+    model = rt.prepare(small_resnet(width))
+    assert rt.channels_last == safe
+    assert model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last) == safe
+    assert (device_setup.channels_last_hazard(model) is None) == safe
+
+
+def test_channels_last_asked_on_a_crashing_network_is_one_line(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.raises(device_setup.UserError, match=r"device.channels_last=true: the 4-channel strided 1x1 "
+                       r"convolution layer2.0.downsample.0 crashes oneDNN's AVX2 kernels in channels_last"):
+        runtime(channels_last=True).prepare(small_resnet(4))
+    assert runtime(channels_last=True).prepare(small_resnet(16)).layer1[0].conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="oneDNN's AVX2 kernels need an AVX2 CPU")
+def test_the_configuration_that_crashed_on_avx2_trains(fmnist_root, tmp_path):
+    """The every-CPU issue's reproduction, which died of SIGBUS/SIGSEGV in loss.backward() with
+    channels_last; ONEDNN_MAX_CPU_ISA=AVX2 runs oneDNN's AVX2 kernels on an AVX-512 CPU too."""
+    run_dir = tmp_path / "run"
+    env = {**runs.fresh_env(), "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", "model=resnet18", "model.stem=cifar", "model.width=4",
+                           "trainer.batch_size=32", "device=cpu", "logger=none", f"dataset.root={fmnist_root}",
+                           "dataset.download=false", "trainer.epochs=1", "trainer.limit_train_batches=4",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(runs.metrics(run_dir)) == 1
+    announced = next(line for line in (run_dir / "train.log").read_text().splitlines() if "parameters) on" in line)
+    assert "cpu fp32" in announced and "channels_last" not in announced
 
 
 def test_cuda_default_precision_without_bf16_is_fp16(monkeypatch):

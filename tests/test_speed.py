@@ -88,6 +88,24 @@ def test_time_to_accuracy_reports_a_target_not_reached(fmnist_root, tmp_path, py
     assert not result["reached"] and 0 < len(result["epochs"]) < 1000
 
 
+def test_time_to_accuracy_names_the_signal_that_killed_the_run(fmnist_root, tmp_path, python):
+    # A run that dies of a signal, as oneDNN's crash killed it: this interpreter, started as
+    # `python -m resnet_lab`, sends itself SIGBUS before doing anything.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "if sys.orig_argv[1:3] == ['-m', 'resnet_lab']:\n"
+        "    os.kill(os.getpid(), signal.SIGBUS)\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(fmnist_root), "--device", "cpu",
+         "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: the run died of SIGBUS (signal 7); its log: {run_dir / 'train.log'}"
+
+
 def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path, python):
     # Here, without a GPU, the CUDA tests skip and the two benchmarks stop at once: what is
     # checked is that each step runs under its limit and lands in OUT.

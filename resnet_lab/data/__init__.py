@@ -20,6 +20,7 @@ class Data:
     test: Loader
     in_channels: int
     num_classes: int
+    normalizer: Normalizer  # the loaders' own: its memory_format is the batches'
     val: Optional[Loader] = None  # held out of the training set (dataset.val_fraction)
 
 
@@ -53,8 +54,7 @@ def subset(split, indices: torch.Tensor):
     return torch.utils.data.Subset(split, indices.tolist())
 
 
-def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: bool = False,
-               rank: int = 0, world_size: int = 1) -> Data:
+def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     """Read the dataset named by cfg.name and wrap its splits in loaders for `device`, each
     giving this rank its part of every batch (config.validate has checked that the batch
     divides among the ranks)."""
@@ -75,7 +75,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
         raise UserError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(train)} "
                         f"training images of dataset {cfg.name}")
     mean, std = channel_stats(stats_images)
-    normalizer = Normalizer(mean, std, device, channels_last)
+    normalizer = Normalizer(mean, std, device)
     if isinstance(train, TensorSplit):
         make = DeviceLoader
     else:
@@ -93,6 +93,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, channels_last: boo
         test=evaluation(test),
         in_channels=stats_images.shape[1],
         num_classes=num_classes,
+        normalizer=normalizer,
         val=None if val is None else evaluation(val),
     )
 

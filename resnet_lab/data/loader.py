@@ -49,11 +49,10 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> Tuple[torch.Tensor
 class Normalizer:
     """uint8 batch -> float, normalised per channel, optionally flipped and cropped on the device."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                 channels_last: bool = False):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
         self.shift = (mean * 255).view(1, -1, 1, 1).to(device)
         self.scale = (1 / (std * 255)).view(1, -1, 1, 1).to(device)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = torch.contiguous_format
         self.device = device
 
     def __call__(self, images: torch.Tensor, augment_seed: Optional[int], part: slice,
