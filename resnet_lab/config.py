@@ -307,10 +307,12 @@ def _check_objective(cfg: Any) -> None:
 
 
 def objective(cfg: Any) -> str:
-    """The metric the run returns and keeps best.pt by."""
-    if cfg.trainer.objective == "auto":
-        return "val_acc" if cfg.dataset.val_fraction else "test_acc"
-    return cfg.trainer.objective
+    """The metric the run returns and keeps best.pt by (also of a config saved before the keys
+    existed: test_acc)."""
+    chosen = OmegaConf.select(cfg, "trainer.objective", default="auto")
+    if chosen == "auto":
+        return "val_acc" if OmegaConf.select(cfg, "dataset.val_fraction", default=0.0) else "test_acc"
+    return chosen
 
 
 def validate(cfg: Any, world_size: int = 1) -> None:

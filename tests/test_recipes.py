@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 import resnet_lab.train  # noqa: F401  (registers the schema)
 from resnet_lab import device as device_setup
+from resnet_lab.compare import SweepSummary, find_runs, records
 from resnet_lab.config import validate
 from resnet_lab.data import build_data, stratified_split
 from resnet_lab.data.augment import AutoAugment, Mixing, Recipe, random_erase
@@ -422,3 +423,21 @@ def test_milestone_steps_divide_the_rate_at_those_updates():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_compare_ranks_runs_with_a_validation_split_by_validation_accuracy(tmp_path, capsys):
+    # Run 0 has the better test accuracy, run 1 the better validation accuracy: 1 is the best.
+    for job, (val_acc, test_acc) in enumerate([(0.80, 0.90), (0.85, 0.70)]):
+        run = tmp_path / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"trainer": {"epochs": 1, "objective": "auto"}, "dataset": {"val_fraction": 0.1}}))
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr=0.{job + 1}"]))
+        row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": val_acc,
+               "test_loss": 1.0, "test_acc": test_acc, "lr": 0.1, "seconds": 1.0, "images_per_s": 10.0}
+        (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        (run / "status").write_text("finished\n")
+    rows = records(find_runs([tmp_path]))
+    assert [(r["optim.lr"], r["final_val_acc"]) for r in rows] == [("0.2", 0.85), ("0.1", 0.80)]
+    SweepSummary.summarise(tmp_path)
+    assert f"best run: {tmp_path / '1'}  final val acc 0.8500  optim.lr=0.2" in capsys.readouterr().out
