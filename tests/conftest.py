@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never reach the network and never log to a W&B server.
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+# One thread per process, here and in every process the tests start: the runs are tiny, and on a
+# 2-core machine two OpenMP threads per run spin against the other runs and train 10-20x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 # torch.compile's kernel cache is keyed without ATen's and oneDNN's instruction-set caps: a kernel
 # cached by a run without them crashes a run under ATEN_CPU_CAPABILITY=avx2 (as CI on an AVX2
 # machine is reproduced here), so each combination of caps gets a cache of its own.
@@ -73,17 +77,6 @@ def write_cifar_like(root: Path, classes: int = 10, n_per_batch: int = 40) -> Pa
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory) -> Path:
     return write_mnist_like(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module's in-process runs (start subprocesses with
-    OMP_NUM_THREADS=1 to match): on a shared 2-core machine, two OpenMP threads per run spin
-    against the other jobs and train 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

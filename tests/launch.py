@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from resnet_lab.__main__ import main
+from tests import runs
 
-TINY = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.epochs=1",
-        "trainer.batch_size=64", "trainer.progress=false", "trainer.save_weights=false",
+TINY = [*runs.TINY, "trainer.epochs=1", "trainer.batch_size=64", "trainer.save_weights=false",
         "logger.mode=offline", "logger.log_every_steps=2"]
 
 

@@ -15,6 +15,13 @@ import torch
 from resnet_lab import checkpoint
 
 
+# The one tiny run every test starts from (each adds what it is about): 320 training images of
+# 28x28 at batch 32, a ResNet-18 of width 8, fp32 on the CPU whatever the CPU's default (bf16,
+# where there are bf16 units, is exact only to its rounding: runs compared bit for bit differ).
+TINY = ["dataset.download=false", "device=cpu", "device.precision=fp32", "model.width=8", "trainer.batch_size=32",
+        "trainer.eval_batch_size=64", "trainer.progress=false"]
+
+
 def for_kind(overrides) -> list:
     """Overrides less the dataset keys a synthetic or image_folder dataset's schema lacks
     (dataset.download; synthetic: dataset.root too): one tiny-run set serves every kind."""
@@ -29,10 +36,15 @@ def metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def epochs(run_dir: Path) -> list:
+    """The epochs a run's metrics.jsonl has rows for, in order."""
+    return [row["epoch"] for row in metrics(run_dir)]
+
+
 def fresh_env():
     """A new process as a requeued job would start: its own W&B service, not this process's
     (a SIGKILLed job's stream would otherwise still hold its run id there)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ)
     env.pop("WANDB_SERVICE", None)
     return env
 

@@ -3,7 +3,6 @@ folder held before is removed or changed. (Config mistakes: test_cli.py; a diver
 full disk: test_reliability.py.)"""
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -24,12 +23,12 @@ from resnet_lab.data.sources import _image_sizes, read_image
 from resnet_lab.errors import UserError
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
+from tests import runs
 from tests.runs import contents, for_kind, fresh_env
 from tests.test_cli import run_cli
 from tests.test_train import tiny_cfg
 
-RUN = ["dataset.download=false", "device=cpu", "model.width=8", "trainer.batch_size=32",
-       "trainer.eval_batch_size=64", "trainer.progress=false"]
+RUN = runs.TINY
 
 
 def one_line_error(code: int, err: str) -> str:
@@ -40,7 +39,7 @@ def one_line_error(code: int, err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(one_thread, fmnist_root, tmp_path_factory) -> Path:
+def finished_run(fmnist_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished")
     train(tiny_cfg(fmnist_root, "trainer.epochs=1", "trainer.limit_train_batches=2"), run_dir)
     return run_dir
@@ -253,7 +252,7 @@ def test_image_without_read_permission_is_named():
 
 
 @pytest.fixture(scope="module")
-def image_run(one_thread, tmp_path_factory) -> Path:
+def image_run(tmp_path_factory) -> Path:
     """A finished one-epoch image_folder run, and its folder of images."""
     root = tmp_path_factory.mktemp("image_run")
     images = write_split_folder(root / "images")
@@ -450,4 +449,4 @@ def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path,
                         "trainer.limit_train_batches=2")
     assert f"{last} is at step 1 of epoch 2, past trainer.epochs=1; resume with trainer.epochs=2, as it was saved" in line
     train(tiny_cfg(fmnist_root, "trainer.epochs=2", "trainer.limit_train_batches=2"), run_copy)
-    assert [json.loads(row)["epoch"] for row in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert runs.epochs(run_copy) == [1, 2]

@@ -1,6 +1,5 @@
 """The command line end to end: a real run in a subprocess, and one-line errors for bad input."""
 
-import json
 import subprocess
 import sys
 
@@ -8,10 +7,10 @@ import pytest
 import yaml
 
 from resnet_lab.__main__ import main
+from tests import runs
 from tests.runs import for_kind
 
-TINY = ["model.width=8", "trainer.epochs=1", "trainer.batch_size=32", "trainer.eval_batch_size=64",
-        "dataset.download=false", "device=cpu"]
+TINY = [*runs.TINY, "trainer.epochs=1"]
 
 
 def test_default_recipe_end_to_end(fmnist_root, tmp_path):
@@ -21,7 +20,7 @@ def test_default_recipe_end_to_end(fmnist_root, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = runs.metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                             "seconds", "images_per_s"}

@@ -26,16 +26,13 @@ from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
 from resnet_lab.trainer import updates
-from tests.runs import freeze_at, fresh_env, metrics, stop_at, start
-from tests.test_reliability import epochs, tiny_cfg
+from tests import runs
+from tests.runs import epochs, freeze_at, fresh_env, metrics, stop_at, start
+from tests.test_reliability import tiny_cfg
 from tests.wandb_file import read_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
-# fp32: bf16 autocast on a CPU with bf16 units (the default there) is exact only to its rounding.
-TINY = ["dataset.download=false", "device=cpu", "device.precision=fp32", "model.width=8",
-        "trainer.batch_size=32",
-        "trainer.eval_batch_size=64", "trainer.progress=false", "trainer.checkpoint_every_steps=0",
+TINY = [*runs.TINY, "trainer.checkpoint_every_steps=0",
         "optim=sgd", "optim.lr=0.05"]
 
 

@@ -5,7 +5,6 @@ Big networks are built on the meta device (no memory, no init) wherever only sha
 """
 
 import dataclasses
-import json
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from resnet_lab.models import MODELS, build_model
 from resnet_lab.models.__main__ import main as list_models, measure
 from resnet_lab.models.resnet import PadShortcut
 from resnet_lab.train import train
+from tests import runs
 
 
 # torchvision's parameter counts, 3 input channels, 1000 classes.
@@ -335,7 +335,7 @@ def test_resnet56_cifar_stem_trains(tmp_path):
             "model=resnet56", "model.stem=cifar", "debug=smoke", "dataset=synthetic", "device=cpu",
             "trainer.progress=false", "trainer.save_weights=true", "trainer.batch_size=64"])
     acc = train(cfg, tmp_path)
-    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    row, = runs.metrics(tmp_path)
     assert row["test_acc"] == acc and row["train_loss"] > 0
     weights = torch.load(tmp_path / "model.pt")
     assert "layer3.8.bn2.weight" in weights and not any(k.startswith("layer4") for k in weights)

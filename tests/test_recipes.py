@@ -30,9 +30,9 @@ from resnet_lab.optim import build_optimizer, build_scheduler, param_groups
 from resnet_lab.train import train
 from tests.conftest import write_cifar_like
 from tests.launch import multirun
+from tests import runs
 from tests.runs import for_kind, metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
@@ -228,9 +228,8 @@ def test_bad_recipe_values_are_one_line(override, words):
 
 
 def test_a_run_with_every_recipe_key_reports_and_returns_its_validation_accuracy(fmnist_root, tmp_path):
-    cfg = composed(f"dataset.root={fmnist_root}", "dataset.download=false", "model.width=8",
-                   "trainer.batch_size=32", "trainer.epochs=2", "trainer.limit_train_batches=3",
-                   "trainer.progress=false", "logger=none", "dataset.val_fraction=0.2", "loss.label_smoothing=0.1",
+    cfg = composed(f"dataset.root={fmnist_root}", *runs.TINY, "trainer.epochs=2", "trainer.limit_train_batches=3",
+                   "logger=none", "dataset.val_fraction=0.2", "loss.label_smoothing=0.1",
                    "optim.clip_grad_norm=1.0", "optim.no_decay_norm_bias=true", "ema.decay=0.9", "ema.warmup=true",
                    "trainer.accumulate=2", "trainer.tta=true")
     result = train(cfg, tmp_path)
@@ -386,8 +385,8 @@ def test_each_preset_composes_and_trains_a_few_steps(preset, cifar_root, fmnist_
     probe = composed(f"experiment={preset}")
     validate(probe)
     root = cifar_root if probe.dataset.name == "cifar10" else fmnist_root
-    cfg = composed(f"experiment={preset}", "debug=smoke", f"dataset.root={root}", "dataset.download=false",
-                   "model.width=4", "trainer.limit_train_batches=2", "trainer.progress=false")
+    cfg = composed(f"experiment={preset}", "debug=smoke", f"dataset.root={root}", *runs.TINY, "model.width=4",
+                   "trainer.batch_size=64", "trainer.limit_train_batches=2")
     train(cfg, tmp_path)
     row, = metrics(tmp_path)
     assert row["epoch"] == 1 and 0 <= row["test_acc"] <= 1 and math.isfinite(row["train_loss"])

@@ -24,23 +24,16 @@ from resnet_lab.engine import RunningTotals
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.train import train
-from tests.runs import contents, for_kind, freeze_at, fresh_env, stop_at, start
+from tests import runs
+from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, stop_at, start
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
 EPOCHS, STEPS, EVERY = 3, 6, 3
-# fp32: bf16 autocast on a CPU with bf16 units (the default there) is exact only to its rounding.
-TINY = ["dataset.download=false", "device=cpu", "device.precision=fp32", "model.width=8",
-        "trainer.batch_size=32",
-        "trainer.eval_batch_size=64", "trainer.progress=false", "trainer.deterministic=true",
+TINY = [*runs.TINY, "trainer.deterministic=true",
         f"trainer.epochs={EPOCHS}", f"trainer.limit_train_batches={STEPS}",
         f"trainer.checkpoint_every_steps={EVERY}"]
 TIMINGS = ("seconds", "images_per_s")
-
-
-# The runs compared bit for bit do the same arithmetic: one intra-op thread here and in the
-# runs started from here (which also keeps OpenMP threads from spinning against other jobs).
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*overrides):
@@ -48,13 +41,9 @@ def tiny_cfg(*overrides):
         return compose("config", overrides=for_kind([*TINY, *overrides]))
 
 
-def epochs(run_dir: Path):
-    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def outcome(run_dir: Path):
     """What a finished run leaves: its metrics rows without the timings, and its final weights."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = runs.metrics(run_dir)
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows], torch.load(run_dir / "model.pt")
 
 
@@ -66,7 +55,7 @@ def assert_same_outcome(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(one_thread, fmnist_root, tmp_path_factory):
+def reference(fmnist_root, tmp_path_factory):
     """The uninterrupted run, without mid-epoch checkpoints."""
     run_dir = tmp_path_factory.mktemp("reference")
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.checkpoint_every_steps=0"), run_dir)

@@ -53,7 +53,7 @@ def time_to_accuracy(python, root, out, *args):
     return subprocess.run(
         [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(root), "--device", "cpu",
          "--json", str(out), *args, "model.width=4", "trainer.batch_size=32"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300)
 
 
 def test_time_to_accuracy_stops_the_run_at_the_target(fmnist_root, tmp_path, python):
@@ -110,7 +110,7 @@ def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path
     # Here, without a GPU, the CUDA tests skip and the two benchmarks stop at once: what is
     # checked is that each step runs under its limit and lands in OUT.
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(fmnist_root), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert [line.split()[0] for line in (out / "status.txt").read_text().splitlines()] == \

@@ -19,7 +19,7 @@ def test_each_job_of_a_multirun_is_its_own_wandb_run(grid_sweep):
         assert run.exit_code == 0
         assert run.run.run_group == str(sweep)
         # Hydra's override_dirname (its own value formatting), without logger.*, dataset.root, ...
-        assert run.run.display_name == (f"device=cpu,model.width=8,optim.lr={lr},trainer.batch_size=64,"
+        assert run.run.display_name == (f"device.precision=fp32,device=cpu,model.width=8,optim.lr={lr},trainer.batch_size=64,"
                                         "trainer.epochs=1,trainer.eval_batch_size=$\\{trainer.batch_size\\},"
                                         "trainer.save_weights=False")
         assert run.run.job_type == "train" and run.run.project == "resnet_lab"

@@ -1,7 +1,6 @@
 """Training in-process: determinism, and the on-device loader's guarantees."""
 
 import io
-import json
 import sys
 
 import pytest
@@ -10,15 +9,13 @@ from hydra import compose, initialize_config_module
 
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
 from resnet_lab.train import train
+from tests import runs
 from tests.runs import for_kind
 
 
 def tiny_cfg(root, *extra):
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        return compose("config", overrides=for_kind([
-            f"dataset.root={root}", "dataset.download=false", "device=cpu", "model.width=8",
-            "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.progress=false",
-            *extra]))
+        return compose("config", overrides=for_kind([*runs.TINY, f"dataset.root={root}", *extra]))
 
 
 def test_same_seed_same_metrics(fmnist_root, tmp_path):
@@ -27,7 +24,7 @@ def test_same_seed_same_metrics(fmnist_root, tmp_path):
         run_dir = tmp_path / name
         run_dir.mkdir()
         acc = train(tiny_cfg(fmnist_root, "trainer.epochs=2", "dataset.augment=flip_crop"), run_dir)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = runs.metrics(run_dir)
         assert acc == rows[-1]["test_acc"]
         metrics.append([{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows])
         weights = torch.load(run_dir / "model.pt")
@@ -41,7 +38,7 @@ def test_different_seed_different_run(fmnist_root, tmp_path):
         run_dir = tmp_path / str(seed)
         run_dir.mkdir()
         train(tiny_cfg(fmnist_root, "trainer.epochs=1", f"seed={seed}"), run_dir)
-        losses.append(json.loads((run_dir / "metrics.jsonl").read_text())["train_loss"])
+        losses.append(runs.metrics(run_dir)[0]["train_loss"])
     assert losses[0] != losses[1]
 
 
