@@ -2,7 +2,8 @@
 
 A checkpoint holds the position (`epoch` and `step`: the next batch to train), the model,
 optimizer, scheduler and grad-scaler states, the epoch's running totals, the best test accuracy
-so far and the last epoch's metrics, every rank's RNG states, the resolved config and the W&B run id.
+so far and the last epoch's metrics, every rank's RNG states, the resolved config, the W&B run id,
+and the state of each training feature (an EMA's weights, say) under `features`.
 The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
 
 The weights are not inside last.pt: each checkpoint writes them to a file of their own,
@@ -32,7 +33,8 @@ from resnet_lab.tracking import STATUS_FILE
 FOLDER = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-        "metrics", "rng", "config", "wandb_run_id")  # and "elapsed", which older ones lack
+        "metrics", "rng", "config", "wandb_run_id")  # and "elapsed" and "features", which older ones lack
+SHOWN = 3  # differing keys named in a message
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.
 HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
@@ -202,7 +204,7 @@ class Checkpointer:
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
              wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
-             best: bool = False) -> None:
+             features: Optional[Dict] = None, best: bool = False) -> None:
         """Write last.pt and its weights file (and best.pt) to continue at batch `step` of
         `epoch`; `elapsed`: the run's wall seconds so far, over all its resumed parts; `rngs`:
         every rank's random states, in rank order (default: this process's)."""
@@ -218,7 +220,7 @@ class Checkpointer:
             "totals": totals, "best_acc": best_acc, "metrics": metrics,
             "rng": rngs[0], "rng_ranks": rngs[1:],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "wandb_run_id": wandb_run_id, "elapsed": elapsed,
+            "wandb_run_id": wandb_run_id, "elapsed": elapsed, "features": features or {},
         }
         try:
             write_file(self.folder / LAST, lambda f: torch.save(state, f), after=resume_after)

@@ -20,11 +20,13 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from resnet_lab.config import objective
 from resnet_lab.errors import UserError
 from resnet_lab.resume import meaningful, override_key
 from resnet_lab.tracking import MetricsFile, read_status
 
-COLUMNS = ("best_test_acc", "final_test_acc", "final_train_loss", "epochs", "seconds",
+# final_val_acc only when a run holds out a validation split.
+COLUMNS = ("final_val_acc", "best_test_acc", "final_test_acc", "final_train_loss", "epochs", "seconds",
            "images_per_s", "status")
 
 
@@ -35,6 +37,7 @@ class Run:
     planned_epochs: Optional[int]
     rows: List[Dict[str, float]]
     status: str
+    objective_key: str = "test_acc"  # config.objective: val_acc with a validation split
 
     @property
     def params(self) -> Dict[str, str]:
@@ -42,16 +45,18 @@ class Run:
 
     @property
     def objective(self) -> float:
-        """The final test accuracy, what the Hydra task returns; NaN when the run diverged."""
+        """The final value of its objective, what the Hydra task returns; NaN when the run diverged."""
         if not self.rows or not math.isfinite(self.rows[-1]["train_loss"]):
             return math.nan
-        return self.rows[-1]["test_acc"]
+        return self.rows[-1].get(self.objective_key, math.nan)
 
-    def summary(self) -> Dict[str, object]:
+    def summary(self, val: bool = False) -> Dict[str, object]:
+        """val: with the final validation accuracy."""
         seconds = sum(r["seconds"] for r in self.rows)
         images = sum(r["images_per_s"] * r["seconds"] for r in self.rows)
         last = self.rows[-1] if self.rows else {}
         return {
+            **({"final_val_acc": last.get("val_acc")} if val else {}),
             "best_test_acc": max((r["test_acc"] for r in self.rows), default=None),
             "final_test_acc": last.get("test_acc"),
             "final_train_loss": last.get("train_loss"),
@@ -74,7 +79,7 @@ def read_run(path: Path) -> Run:
     # No status file: the job stopped (or is) before its tracker started, e.g. on a config error.
     status = read_status(path) or "not started"
     return Run(path, meaningful(overrides), OmegaConf.select(config, "trainer.epochs"),
-               MetricsFile(path).read(), status)
+               MetricsFile(path).read(), status, objective(config))
 
 
 def find_runs(paths: Sequence[Path]) -> List[Run]:
@@ -119,11 +124,12 @@ def label(run: Run, keys: Sequence[str]) -> str:
 def records(runs: Sequence[Run]) -> List[Dict[str, object]]:
     """One flat dict per run, best first: the run folder, the varying overrides, the results."""
     keys = varying(runs)
-    return [{"run": str(run.path), **{k: run.params.get(k, "") for k in keys}, **run.summary()}
+    val = any("val_acc" in row for run in runs for row in run.rows)
+    return [{"run": str(run.path), **{k: run.params.get(k, "") for k in keys}, **run.summary(val)}
             for run in ranked(runs)]
 
 
-HEADERS = {"best_test_acc": "best acc", "final_test_acc": "final acc", "final_train_loss": "train loss",
+HEADERS = {"final_val_acc": "val acc", "best_test_acc": "best acc", "final_test_acc": "final acc", "final_train_loss": "train loss",
            "seconds": "time s", "images_per_s": "img/s"}
 FORMATS = {"seconds": "{:.1f}", "images_per_s": "{:.0f}"}
 
@@ -225,7 +231,7 @@ class SweepSummary(Callback):
         if top is None:
             console.print("best run: none, no run finished", soft_wrap=True)
         else:
-            console.print(f"best run: {top.path}  final test acc {top.objective:.4f}  "
+            console.print(f"best run: {top.path}  final {top.objective_key.replace('_', ' ')} {top.objective:.4f}  "
                           f"{label(top, varying(runs))}", soft_wrap=True)
 
 

@@ -32,6 +32,22 @@ class DatasetConfig:
 
     name: str = MISSING
     augment: str = "none"
+    # The share of the training set held out, stratified by class and the same in every run,
+    # to choose settings on instead of the test set (0: none).
+    val_fraction: float = 0.0
+    # Training batches only, on the device (docs/recipes.md): TrivialAugmentWide or RandAugment
+    # per image, a vertical flip (p = 1/2) and a rotation by up to `rotate` degrees per image,
+    # random erasing of each image with probability erase_prob, Mixup / CutMix of batches.
+    auto_augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    vflip: bool = False
+    rotate: float = 0.0
+    erase_prob: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # the probability a batch is mixed (with either alpha > 0)
+    switch_prob: float = 0.5  # with both alphas > 0, the probability of CutMix rather than Mixup
 
 
 @dataclass
@@ -84,6 +100,10 @@ class OptimConfig:
     # The learning rate of everything but the head (fc) is lr times this: < 1 fine-tunes
     # pretrained layers more gently than the new head.
     backbone_lr_scale: float = 1.0
+    # Batch-norm weights and every bias in a group without weight decay.
+    no_decay_norm_bias: bool = False
+    # Scale the gradients down to this global L2 norm before each update (0: no clipping).
+    clip_grad_norm: float = 0.0
 
 
 @dataclass
@@ -94,6 +114,8 @@ class SchedConfig:
     min_lr: float = 0.0
     # step: lr *= gamma at each milestone, given as fractions of the whole training.
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
+    # step: the updates to multiply at instead, as papers give them (32k and 48k iterations).
+    milestone_steps: List[int] = field(default_factory=list)
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
@@ -130,6 +152,30 @@ class TrainerConfig:
     resume: str = "auto"
     # Also write checkpoints/last.pt every this many training steps (0: only at epoch ends).
     checkpoint_every_steps: int = 0
+    # One update from the gradients of this many batches of batch_size: the update of a
+    # batch this many times larger.
+    accumulate: int = 1
+    # The value the run returns (what a sweeper optimises) and best.pt keeps the best of; auto:
+    # val_acc when dataset.val_fraction holds out a split, else test_acc.
+    objective: str = "auto"
+    # Evaluate each image and its mirror image, and average their logits (test-time augmentation).
+    tta: bool = False
+
+
+@dataclass
+class LossConfig:
+    # Cross-entropy against (1 - s) * the label + s / classes everywhere (Szegedy et al. 2016).
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    # An exponential moving average of the weights, evaluated beside them (0: none): after each
+    # update, ema = decay * ema + (1 - decay) * weights.
+    decay: float = 0.0
+    # Early updates average with min(decay, (1 + n) / (10 + n)) after n updates, so the
+    # average forgets its random start quickly (TensorFlow's num_updates rule).
+    warmup: bool = False
 
 
 @dataclass
@@ -154,6 +200,8 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     seed: int = 0
 
 
@@ -179,6 +227,8 @@ CHOICES = {
     "device.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "trainer.objective": ("auto", "val_acc", "test_acc", "val_acc_ema", "test_acc_ema"),
+    "dataset.auto_augment": ("none", "trivial", "randaugment"),
 }
 
 # key: (smallest allowed, whether the bound itself is allowed)
@@ -196,6 +246,13 @@ BOUNDS = {
     "trainer.limit_train_batches": (0, True),
     "trainer.limit_eval_batches": (0, True),
     "trainer.checkpoint_every_steps": (0, True),
+    "trainer.accumulate": (1, True),
+    "dataset.randaugment_ops": (1, True),
+    "dataset.randaugment_magnitude": (0, True),
+    "dataset.rotate": (0, True),
+    "dataset.mixup_alpha": (0, True),
+    "dataset.cutmix_alpha": (0, True),
+    "optim.clip_grad_norm": (0, True),
     "dataset.channels": (1, True),
     "dataset.image_size": (1, True),
     "dataset.num_classes": (2, True),
@@ -204,6 +261,16 @@ BOUNDS = {
     "dataset.num_workers": (0, True),
     "dataset.cache_max_gb": (0, True),
     "logger.log_every_steps": (1, True),
+}
+
+# Fractions and probabilities, from 0: key -> whether 1 itself is allowed.
+UNIT_RANGE = {
+    "dataset.val_fraction": False,
+    "loss.label_smoothing": False,
+    "ema.decay": False,
+    "dataset.erase_prob": True,
+    "dataset.mix_prob": True,
+    "dataset.switch_prob": True,
 }
 
 
@@ -238,6 +305,29 @@ def _check_table(cfg: Any) -> None:
         if value < low or (value == low and not inclusive):
             rule = f">= {low}" if inclusive else f"> {low}"
             raise UserError(f"{key}={value}: must be {rule}")
+    for key, one_allowed in UNIT_RANGE.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (0 <= value <= 1 and (one_allowed or value < 1)):
+            raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
+
+
+def _check_objective(cfg: Any) -> None:
+    """trainer.objective names a metric the run reports."""
+    objective = cfg.trainer.objective
+    if objective.startswith("val") and not cfg.dataset.val_fraction:
+        raise UserError(f"trainer.objective={objective}: needs a validation split; set dataset.val_fraction "
+                        f"(e.g. 0.1), or trainer.objective=test_acc")
+    if objective.endswith("_ema") and not cfg.ema.decay:
+        raise UserError(f"trainer.objective={objective}: needs an EMA of the weights; set ema.decay (e.g. 0.999)")
+
+
+def objective(cfg: Any) -> str:
+    """The metric the run returns and keeps best.pt by (also of a config saved before the keys
+    existed: test_acc)."""
+    chosen = OmegaConf.select(cfg, "trainer.objective", default="auto")
+    if chosen == "auto":
+        return "val_acc" if OmegaConf.select(cfg, "dataset.val_fraction", default=0.0) else "test_acc"
+    return chosen
 
 
 CACHE_MODES = ("auto", "true", "false")
@@ -267,8 +357,14 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         )
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
+    if not all(s >= 1 for s in cfg.sched.milestone_steps):
+        raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
+    _check_objective(cfg)
+    if cfg.dataset.randaugment_magnitude > 30:
+        raise UserError(f"dataset.randaugment_magnitude={cfg.dataset.randaugment_magnitude}: must be in 0..30 "
+                        f"(of torchvision's 31 magnitude bins)")
     if cfg.trainer.batch_size % world_size:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: the global batch must divide by the "
                         f"world size {world_size} (device.world_size, or the ranks of torchrun or SLURM); "

@@ -5,6 +5,7 @@ is needed (a callback decides when, and the end of the epoch). With several rank
 accumulates its own share, summed over the ranks where the numbers are read.
 """
 
+import contextlib
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -15,25 +16,44 @@ from resnet_lab.data import Loader
 from resnet_lab.device import Runtime
 
 
-
 class Callback:
     """Where a per-step feature plugs into the loop (gradient clipping, an EMA of the weights,
-    the trainer's checkpoint and stop policy). Each training step runs, in this order:
+    the trainer's checkpoint and stop policy). Each update (the last batch of a group of
+    `accumulate` batches) runs, in this order:
 
-    1. forward pass and loss (under autocast);
-    2. backward pass (the loss scaled for fp16);
-    3. `before_optimizer_step` of each callback, in list order: the gradients are complete and
+    1. forward pass and loss (under autocast) of each batch of the group, and its backward pass
+       (the loss scaled for fp16; under DDP the gradients are all-reduced on the last one only);
+    2. `before_optimizer_step` of each callback, in list order: the gradients are complete and
        still scaled (call `scaler.unscale_(optimizer)` before reading or clipping them);
-    4. optimizer step, grad-scaler update, scheduler step;
-    5. `after_step` of each callback, in list order: the weights are the step's new ones and
-       `loss` is the step's (on the device: reading it waits for the device).
+    3. optimizer step, grad-scaler update, scheduler step;
+    4. `after_step` of each callback, in list order: the weights are the update's new ones,
+       `step` is the group's last batch and `loss` its loss (on the device: reading it waits
+       for the device).
+
+    A feature with state of its own gives it in `state_dict` (checkpoints hold it, under `name`),
+    device values for the trainer to log where it reads the loss anyway in `logged`, and its
+    part of an epoch's row in `end_epoch` (the host may wait for the device there).
     """
+
+    name = ""
 
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer,
                               scaler: torch.amp.GradScaler) -> None:
         pass
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
+        pass
+
+    def logged(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def end_epoch(self) -> Dict[str, float]:
+        return {}
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
         pass
 
 
@@ -54,6 +74,9 @@ class RunningTotals:
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
 
     def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """y: the labels, or mixed label weights (N x classes), whose largest counts as the label."""
+        if y.is_floating_point():
+            y = y.argmax(1)
         self.loss_sum += loss * len(y)
         self.correct += (logits.argmax(1) == y).sum()
         self.seen += len(y)
@@ -93,34 +116,49 @@ class RunningTotals:
 
 def train_epoch(model: torch.nn.Module, loader: Loader, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, runtime: Runtime, epoch: int,
-                totals: RunningTotals, start: int = 0, callbacks: Sequence[Callback] = ()) -> None:
-    """Train over the epoch's batches from index `start`, adding to `totals`; `callbacks` run
-    inside each step as `Callback` says."""
+                totals: RunningTotals, start: int = 0, callbacks: Sequence[Callback] = (), *,
+                accumulate: int = 1, label_smoothing: float = 0.0) -> None:
+    """Train over the epoch's batches from index `start`, adding to `totals`. Each group of
+    `accumulate` batches (g * accumulate onwards, fewer at the epoch's end) makes one update,
+    from the gradient of the group's mean loss; `callbacks` run inside it as `Callback` says."""
     model.train()
+    steps = len(loader)
     for step, (x, y) in enumerate(loader.batches(epoch, start), start):
-        with runtime.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+        first = step - step % accumulate
+        last = min(first + accumulate, steps) - 1
+        if step in (first, start):
+            optimizer.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the
-        # batch makes that the gradient of the global batch's mean loss, also for an uneven last batch.
-        share = len(y) * loader.world_size / loader.global_size(step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss * share).backward()
-        for callback in callbacks:
-            callback.before_optimizer_step(step, optimizer, scaler)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        # group's images makes the sum of the group's gradients that of its mean loss, also for
+        # uneven batches. The ranks all-reduce only the group's last backward pass.
+        share = len(y) * loader.world_size / sum(loader.global_size(i) for i in range(first, last + 1))
+        with contextlib.nullcontext() if step == last else getattr(model, "no_sync", contextlib.nullcontext)():
+            with runtime.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            scaler.scale(loss * share).backward()
         loss = loss.detach()
         totals.add(step, loss, logits, y)
-        for callback in callbacks:
-            callback.after_step(step, loss)
+        if step == last:
+            _update(step, loss, optimizer, scheduler, scaler, callbacks)
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime,
+def _update(step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler,
+            scaler: torch.amp.GradScaler, callbacks: Sequence[Callback]) -> None:
+    for callback in callbacks:
+        callback.before_optimizer_step(step, optimizer, scaler)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    for callback in callbacks:
+        callback.after_step(step, loss)
+
+
+def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime, split: str = "test", tta: bool = False,
              keep: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> Dict[str, float]:
-    """The test loss and accuracy; `keep`, when given, sees each batch's inputs, logits and labels
-    on the device (a confusion matrix counts them; `python -m resnet_lab.evaluate` keeps more)."""
+    """`split`_loss and `split`_acc; with `tta`, of the mean logits of each image and its mirror;
+    `keep`, when given, sees each batch's inputs, logits and labels on the device (a confusion
+    matrix counts them; `python -m resnet_lab.evaluate` keeps more)."""
     model.eval()
     totals = RunningTotals(runtime.device)
     # A compiled model that alternates between inference mode and training can fail
@@ -129,7 +167,9 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime,
         for step, (x, y) in enumerate(loader.batches(0)):
             with runtime.autocast():
                 logits = model(x)
+                if tta:
+                    logits = (logits + model(x.flip(3))) / 2
             totals.add(step, F.cross_entropy(logits.float(), y), logits, y)
             if keep is not None:
                 keep(x, logits, y)
-    return totals.reduced().metrics("test")
+    return totals.reduced().metrics(split)

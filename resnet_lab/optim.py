@@ -1,4 +1,7 @@
-"""Optimizer registry and learning-rate schedules (stepped once per training step)."""
+"""Optimizer registry and learning-rate schedules (stepped once per update)."""
+
+import logging
+from typing import Dict, List
 
 from torch import nn, optim
 from torch.optim import lr_scheduler
@@ -6,7 +9,10 @@ from torch.optim import lr_scheduler
 from resnet_lab.errors import UserError
 from resnet_lab.registry import Registry
 
+log = logging.getLogger("resnet_lab")
+
 OPTIMIZERS = Registry("optimizer")
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @OPTIMIZERS.register()
@@ -25,23 +31,45 @@ def sgd(params, cfg, fused):
                      weight_decay=cfg.weight_decay, fused=fused)
 
 
+def no_decay_names(model: nn.Module) -> List[str]:
+    """The parameters weight decay should leave alone: normalisation layers' weights and every bias."""
+    return [f"{module_name}.{name}".lstrip(".") for module_name, module in model.named_modules()
+            for name, _ in module.named_parameters(recurse=False)
+            if name == "bias" or isinstance(module, NORMS)]
+
+
+def param_groups(model: nn.Module, cfg) -> List[Dict]:
+    """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head, fc) apart, at
+    lr times that scale; with cfg.no_decay_norm_bias the norm weights and biases apart, without
+    weight decay. Backbone groups first, then decayed before exempt: schedules scale each
+    group's own rate, and a checkpoint's groups come back in the same order."""
+    exempt = set(no_decay_names(model)) if cfg.no_decay_norm_bias else set()
+    scaled = cfg.backbone_lr_scale != 1
+    split: Dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        split.setdefault((scaled and not name.startswith("fc."), name in exempt), []).append(p)
+    groups = []
+    for backbone, no_decay in sorted(split, key=lambda key: (not key[0], key[1])):
+        params = split[backbone, no_decay]
+        groups.append({"params": params, **({"lr": cfg.lr * cfg.backbone_lr_scale} if backbone else {}),
+                       **({"weight_decay": 0.0} if no_decay else {})})
+        if len(split) > 1:
+            log.info(f"optimizer group: {len(params)} tensors ({sum(p.numel() for p in params):,} parameters), "
+                     f"{'backbone' if backbone else 'head' if scaled else 'all'} at lr "
+                     f"{groups[-1].get('lr', cfg.lr)}, weight decay {0.0 if no_decay else cfg.weight_decay}")
+    return groups
+
+
 def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
     # On CUDA the fused kernels update every parameter in one launch, and they take fp16's
     # loss scaling without the grad scaler reading the device each step.
     fused = next(model.parameters()).is_cuda or None
-    params = model.parameters()
-    if cfg.backbone_lr_scale != 1:
-        # Two groups, the backbone's first: schedules scale each group's own rate.
-        head = {id(p) for p in model.fc.parameters()}
-        params = [{"params": [p for p in model.parameters() if id(p) not in head],
-                   "lr": cfg.lr * cfg.backbone_lr_scale},
-                  {"params": list(model.fc.parameters())}]
-    return OPTIMIZERS.get(cfg.name)(params, cfg, fused)
+    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg), cfg, fused)
 
 
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
                     epochs: int) -> lr_scheduler.LRScheduler:
-    """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps)."""
+    """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps: updates)."""
     total_steps = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     main_steps = max(1, total_steps - warmup)
@@ -53,7 +81,8 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=cfg.min_lr)
     elif cfg.name == "step":
-        milestones = sorted({max(1, round(m * total_steps) - warmup) for m in cfg.milestones})
+        at = cfg.milestone_steps or [round(m * total_steps) for m in cfg.milestones]
+        milestones = sorted({max(1, s - warmup) for s in at})
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
     elif cfg.name == "none":
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

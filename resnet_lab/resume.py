@@ -27,11 +27,14 @@ NOISE_KEYS = ("hydra", "logger", "hparams_search", "trainer.progress", "dataset.
 # trainer.epochs: a finished run is past any smaller count).
 UNTRAINED = ("device", "trainer.epochs", "trainer.checkpoint_every_steps", "trainer.save_weights",
              "trainer.eval_batch_size")
-# Choices whose saved state another choice cannot take over.
-MUST_MATCH = ("optim.name", "sched.name")
-# The trainer keys that set how many steps a run has, over which its schedule is laid; only a
-# run without a schedule (sched=none) may change them.
-SCHEDULE_LENGTH = ("epochs", "batch_size", "limit_train_batches")
+# Choices whose saved state another choice cannot take over (the parameter groups, for
+# no_decay_norm_bias), with the value a checkpoint from before the key existed had.
+MUST_MATCH = {"optim.name": None, "sched.name": None, "optim.no_decay_norm_bias": False}
+# The keys that set how many updates a run has, over which its schedule is laid, with the value
+# a checkpoint from before the key existed had; only a run without a schedule (sched=none) may
+# change them.
+SCHEDULE_LENGTH = {"trainer.epochs": None, "trainer.batch_size": None, "trainer.limit_train_batches": None,
+                   "trainer.accumulate": 1, "dataset.val_fraction": 0.0}
 # Any other setting may differ on resume: the run goes on with the new value, and says so.
 
 
@@ -135,14 +138,20 @@ def _finished(state: Dict, path: Path, own: bool, run_dir: Path, cfg: DictConfig
     return True
 
 
+def _saved(saved_cfg: Dict, key: str, default):
+    group, name = key.split(".")
+    return saved_cfg[group].get(name, default)
+
+
 def _check_carries_over(saved_cfg: Dict, cfg: DictConfig, path: Path) -> None:
     """The checkpoint's optimizer and schedule states fit this run's."""
-    for key in MUST_MATCH:
-        group, name = key.split(".")
-        then, now = saved_cfg[group][name], cfg[group][name]
+    for key, default in MUST_MATCH.items():
+        then, now = _saved(saved_cfg, key, default), OmegaConf.select(cfg, key)
         if then != now:
-            raise UserError(f"checkpoint {path} was saved with {group}={then}, this run has "
-                            f"{group}={now}; its state cannot carry over: resume with {group}={then}, "
+            # A group's choice is shown as the command line makes it: optim=adam.
+            shown = key.removesuffix(".name")
+            raise UserError(f"checkpoint {path} was saved with {shown}={then}, this run has "
+                            f"{shown}={now}; its state cannot carry over: resume with {shown}={then}, "
                             f"or start afresh with trainer.resume=none")
     # One parameter group, or the backbone's and the head's: the saved state has as many.
     then_groups = saved_cfg["optim"].get("backbone_lr_scale", 1.0) != 1
@@ -152,8 +161,8 @@ def _check_carries_over(saved_cfg: Dict, cfg: DictConfig, path: Path) -> None:
                         f"and 1 and other values keep different optimizer states; resume with it, or start "
                         f"afresh with trainer.resume=none")
     sched = cfg.sched.name
-    stretched = [f"trainer.{k}={cfg.trainer[k]} (checkpoint: {saved_cfg['trainer'][k]})"
-                 for k in SCHEDULE_LENGTH if cfg.trainer[k] != saved_cfg["trainer"][k]]
+    stretched = [f"{k}={OmegaConf.select(cfg, k)} (checkpoint: {_saved(saved_cfg, k, default)})"
+                 for k, default in SCHEDULE_LENGTH.items() if OmegaConf.select(cfg, k) != _saved(saved_cfg, k, default)]
     if stretched and sched != "none":
         # The restored schedule keeps its old length: cosine would rise again, onecycle fail.
         raise UserError(f"{'; '.join(stretched)}: checkpoint {path} was saved by a run whose sched={sched} "

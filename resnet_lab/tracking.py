@@ -25,9 +25,13 @@ STATUS_FILE = "status"
 EVAL_FOLDER = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
 
 
+ACCURACIES = ("val_acc", "test_acc", "val_acc_ema", "test_acc_ema")  # in an epoch's row, when measured
+
+
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
+    shown = "".join(f"  {key.replace('_', ' ')} {m[key]:.4f}" for key in ACCURACIES if key in m)
     return (f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f}  "
-            f"train acc {m['train_acc']:.4f}  test acc {m['test_acc']:.4f}  "
+            f"train acc {m['train_acc']:.4f}{shown}  "
             f"{m['seconds']:.1f} s  {m['images_per_s']:.0f} img/s")
 
 
@@ -46,9 +50,9 @@ class ProgressBar:
             self.bar.start()
         return self
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.advance(self.task, n)
+            self.bar.advance(self.task, steps)
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -168,11 +172,13 @@ class Tracker:
     def run_id(self) -> Optional[str]:
         return self.wandb.id if self.wandb is not None else None
 
-    def step(self, global_step: int, loss) -> None:
-        """Called every training step; reads the loss off the device only every log_every steps."""
+    def step(self, global_step: int, loss, logged: Optional[Dict] = None) -> None:
+        """Called every update; reads the loss, and the device values in `logged` (a gradient
+        norm, say), off the device only every log_every updates."""
         self.global_step = global_step
         if self.wandb is not None and global_step % self.log_every == 0:
-            self.wandb.log({"global_step": global_step, "train_loss_step": loss.item()})
+            values = {key: value.item() for key, value in {"train_loss_step": loss, **(logged or {})}.items()}
+            self.wandb.log({"global_step": global_step, **values})
 
     def epoch(self, metrics: Dict[str, float], global_step: Optional[int] = None) -> None:
         """One epoch's row; global_step, when given, is the step it ends at (a resumed epoch
@@ -215,9 +221,9 @@ class Tracker:
             return
         self.finished = True
         rows = self.metrics.read()
-        if rows:
-            summary = {"best_test_acc": max(r["test_acc"] for r in rows),
-                       "final_test_acc": rows[-1]["test_acc"], **summary}
+        accuracies = [key for key in ACCURACIES if rows and key in rows[-1]]
+        summary = {**{f"best_{key}": max(r.get(key, -1.0) for r in rows) for key in accuracies},
+                   **{f"final_{key}": rows[-1][key] for key in accuracies}, **summary}
         try:
             if self.wandb is not None:
                 self.wandb.summary.update(summary)

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import checkpoint, distributed, resume, runlock
-from resnet_lab.config import register_configs, validate
+from resnet_lab.config import objective, register_configs, validate
 from resnet_lab.errors import HeldBack, UserError
 from resnet_lab.resume import meaningful
 from resnet_lab.trainer import Trainer
@@ -40,7 +40,8 @@ def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as cfg says, writing into run_dir; returns the final test accuracy.
+    """Train as cfg says, writing into run_dir; returns the final value of its objective
+    (config.objective: the validation accuracy when a split is held out, else the test accuracy).
 
     As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
     every batch under DDP, and only rank 0 writes and reports.
@@ -52,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             log.setLevel(logging.ERROR)  # rank 0 speaks for all
         plan = resume.plan(Path(run_dir), cfg)
         if plan.action == "finished":
-            return plan.state["metrics"]["test_acc"]
+            return plan.state["metrics"][objective(cfg)]
         return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir)).run()
 
 

@@ -8,6 +8,7 @@ save). Per-step features are `engine.Callback`s, passed to the loop beside the t
 
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -23,10 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab.config import objective
 from resnet_lab.confusion import Confusion
 from resnet_lab.data import build_data
 from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
+from resnet_lab.features import build_features
 from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
@@ -42,11 +45,11 @@ class State:
     optimizer, schedule, grad scaler), the random states and the config."""
 
     epoch: int = 1  # the epoch training now or next, from 1
-    step: int = 0  # the steps of that epoch done: its next batch
+    step: int = 0  # the batches of that epoch done: its next batch (at an update's end)
     # The epoch's running totals so far: live on the device while training; in a checkpoint,
     # summed over the ranks (None at an epoch's start).
     totals: Optional[RunningTotals] = None
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # of the objective (config.objective)
     metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's row
     elapsed: float = 0.0  # the run's wall seconds, over all its resumed parts, at its last save
     wandb_run_id: Optional[str] = None
@@ -61,13 +64,20 @@ class Decision:
     stop: int = 0  # the signal to stop for, after saving; 0: train on
 
 
-def after_step(state: State, steps: int, every: int, signum: int, check_every_step: bool) -> Decision:
-    """What to do once a step has left the run at `state`, in an epoch of `steps` steps: write
-    a mid-epoch checkpoint every `every` steps of the run (0: never; the epoch's end writes its
-    own), stop at a signal (`signum`, 0 for none) after writing one, and look at the loss before
-    every checkpoint (a diverged run must not overwrite its last good one), or after every step
-    when reading it costs nothing (`check_every_step`)."""
-    run_step = (state.epoch - 1) * steps + state.step
+def updates(batches: int, accumulate: int) -> int:
+    """The updates made over `batches` batches of an epoch, one each `accumulate` and one for the rest."""
+    return math.ceil(batches / accumulate)
+
+
+def after_step(state: State, steps: int, every: int, signum: int, check_every_step: bool,
+               accumulate: int = 1) -> Decision:
+    """What to do once an update has left the run at `state`, in an epoch of `steps` batches,
+    `accumulate` to an update: write a mid-epoch checkpoint every `every` updates of the run
+    (0: never; the epoch's end writes its own), stop at a signal (`signum`, 0 for none) after
+    writing one, and look at the loss before every checkpoint (a diverged run must not
+    overwrite its last good one), or after every update when reading it costs nothing
+    (`check_every_step`)."""
+    run_step = (state.epoch - 1) * updates(steps, accumulate) + updates(state.step, accumulate)
     due = every > 0 and run_step % every == 0 and state.step < steps
     return Decision(check_loss=check_every_step or due or bool(signum), save=due or bool(signum), stop=signum)
 
@@ -102,7 +112,8 @@ def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ran
         parallel = DistributedDataParallel(model, device_ids=[ranks.local_rank] if runtime.device.type == "cuda"
                                            else None)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
+    scheduler = build_scheduler(optimizer, cfg.sched, updates(len(data.train), cfg.trainer.accumulate),
+                                cfg.trainer.epochs)
     return data, model, runtime.compiled(parallel), optimizer, scheduler, runtime.grad_scaler()
 
 
@@ -119,10 +130,10 @@ class Trainer(Callback):
         self.began = time.perf_counter()  # minus the seconds of the parts before a resume
         self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
         self.confusion: Optional[Confusion] = None  # of the last evaluation, for the run's final report
-        self.callbacks = [self]  # the order of engine.Callback; features go before the trainer
+        self.objective = objective(cfg)
 
     def run(self) -> float:
-        """Set up, resume, train the remaining epochs; the final test accuracy."""
+        """Set up, resume, train the remaining epochs; the final value of the objective."""
         self.setup()
         if self.plan.action == "continue":
             self.resume()
@@ -142,7 +153,7 @@ class Trainer(Callback):
                 self.train_epoch()
                 self.end_epoch()
             self.finish()
-        return self.state.metrics["test_acc"]
+        return self.state.metrics[self.objective]
 
     def setup(self) -> None:
         """The device, the seeds, the parts, and how often the loss is looked at."""
@@ -155,6 +166,10 @@ class Trainer(Callback):
         self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
                                                    self.scheduler, self.scaler, self.runtime.device)
         self.steps = len(self.data.train)
+        self.updates = updates(self.steps, self.cfg.trainer.accumulate)
+        # The order of engine.Callback: the features, then the trainer (which checkpoints them).
+        self.features = build_features(self.cfg, self.model, self.runtime.device, self.evaluations)
+        self.callbacks = [*self.features, self]
         # Reading a CPU tensor costs nothing, so on the CPU a diverged loss stops the very step it
         # appears; on an accelerator it is read only where the host waits anyway (checkpoints).
         self.check_every_step = self.runtime.device.type == "cpu"
@@ -164,6 +179,11 @@ class Trainer(Callback):
         saved, path = self.plan.state, self.plan.checkpoint
         self.checkpoints.restore(saved, path, self.ranks.rank)
         self.state = State(**{k: saved[k] for k in State.FIELDS if k in saved and k != "totals"})
+        for feature in self.features:
+            if feature.name in saved.get("features", {}):
+                feature.load_state_dict(saved["features"][feature.name])
+            else:
+                log.warning(f"{path} holds no {feature.name} state (its run had it off): it starts afresh here")
         self.began -= self.state.elapsed  # total_seconds counts the parts before the stop
         if saved["totals"] is not None:
             # The saved sums are over all ranks: rank 0 carries them on, the others add to nothing.
@@ -177,8 +197,9 @@ class Trainer(Callback):
     def announce(self) -> None:
         cfg, runtime, world = self.cfg, self.runtime, self.ranks.world_size
         self.params = sum(p.numel() for p in self.model.parameters())
+        val = f", {self.data.val.num_samples} validation" if self.data.val else ""
         log.info(f"{cfg.model.name} ({self.params:,} parameters) on {cfg.dataset.name} "
-                 f"({self.data.train.num_samples} train, {self.data.test.num_samples} test images), "
+                 f"({self.data.train.num_samples} train{val}, {self.data.test.num_samples} test images), "
                  f"{runtime.device.type} {runtime.precision}"
                  f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}"
                  f"{f', {world} ranks' if world > 1 else ''}; writing to {self.run_dir}")
@@ -192,17 +213,23 @@ class Trainer(Callback):
         show = self.cfg.trainer.progress and self.main
         with EpochProgress(show, state.epoch, self.cfg.trainer.epochs, self.steps, state.step) as self.bar:
             train_epoch(self.forward, self.data.train, self.optimizer, self.scheduler, self.scaler,
-                        self.runtime, state.epoch, state.totals, state.step, self.callbacks)
+                        self.runtime, state.epoch, state.totals, state.step, self.callbacks,
+                        accumulate=self.cfg.trainer.accumulate, label_smoothing=self.cfg.loss.label_smoothing)
+
+    def global_step(self) -> int:
+        """The updates of the run so far."""
+        return (self.state.epoch - 1) * self.updates + updates(self.state.step, self.cfg.trainer.accumulate)
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
-        """engine.Callback: report the step, then do what the policy decides."""
+        """engine.Callback: report the update, then do what the policy decides."""
         state = self.state
+        self.bar.advance(step + 1 - state.step)
         state.step = step + 1
-        self.bar.advance()
-        self.tracker.step((state.epoch - 1) * self.steps + state.step, loss)
+        logged = {key: value for feature in self.features for key, value in feature.logged().items()}
+        self.tracker.step(self.global_step(), loss, logged)
         signum = distributed.largest(self.signals.signum or 0)  # all ranks stop at the same step
         decision = after_step(state, self.steps, self.cfg.trainer.checkpoint_every_steps, signum,
-                              self.check_every_step)
+                              self.check_every_step, self.cfg.trainer.accumulate)
         if decision.check_loss:
             self.check_finite()
         if decision.save:
@@ -217,9 +244,9 @@ class Trainer(Callback):
         state = self.state
         self.check_finite()
         metrics = self.evaluate()
-        self.tracker.epoch(metrics, global_step=state.epoch * self.steps)
-        improved = metrics["test_acc"] > state.best_acc
-        state.best_acc = max(state.best_acc, metrics["test_acc"])
+        self.tracker.epoch(metrics, global_step=state.epoch * self.updates)
+        improved = metrics[self.objective] > state.best_acc
+        state.best_acc = max(state.best_acc, metrics[self.objective])
         state.metrics, state.epoch, state.step, state.totals = metrics, state.epoch + 1, 0, None
         self.save(best=improved)
         signum = distributed.largest(self.signals.signum or 0)
@@ -227,13 +254,23 @@ class Trainer(Callback):
             raise self.stop(signum)
 
     def evaluate(self) -> Dict[str, float]:
-        """The epoch's row: its training totals, the test metrics, the learning rate and speed."""
+        """The epoch's row: its training totals, the validation and test metrics, the features'
+        (an EMA's metrics, say), the learning rate and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
         self.confusion = Confusion(self.data.num_classes, self.runtime.device)
-        tested = evaluate(self.forward, self.data.test, self.runtime, keep=self.confusion.add)
-        return {"epoch": self.state.epoch, **whole.metrics(), **tested,
+        features = {key: value for feature in self.features for key, value in feature.end_epoch().items()}
+        return {"epoch": self.state.epoch, **whole.metrics(), **self.evaluations(self.forward, self.confusion.add),
+                **features,
                 "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
+
+    def evaluations(self, model: torch.nn.Module, keep=None) -> Dict[str, float]:
+        """The loss and accuracy of `model` on the validation split (if any) and the test split;
+        `keep` sees the test split's batches (engine.evaluate)."""
+        splits = {"val": self.data.val, "test": self.data.test}
+        return {key: value for split, loader in splits.items() if loader is not None
+                for key, value in evaluate(model, loader, self.runtime, split, self.cfg.trainer.tta,
+                                           keep if split == "test" else None).items()}
 
     def check_finite(self) -> None:
         bad = self.state.totals.bad_step()
@@ -255,8 +292,9 @@ class Trainer(Callback):
         with distributed.rank_0_failure_stops_all():
             if self.main:
                 progress = {k: getattr(state, k) for k in State.FIELDS}
+                features = {feature.name: feature.state_dict() for feature in self.features}
                 self.checkpoints.save(**{**progress, "totals": whole and whole.state_dict()}, rngs=rngs,
-                                      best=best)
+                                      features=features, best=best)
         self.last_good = f"{self.checkpoints.folder / checkpoint.LAST} (epoch {state.epoch} step {state.step})"
 
     def stop(self, signum: int) -> Stopped:

@@ -8,9 +8,13 @@ import sys
 import pytest
 import torch
 
-from resnet_lab import checkpoint
+from resnet_lab import checkpoint, distributed
+from resnet_lab import device as device_setup
+from resnet_lab.engine import RunningTotals, train_epoch
+from resnet_lab.features import build_features
 from resnet_lab.optim import build_optimizer
 from resnet_lab.train import train
+from resnet_lab.trainer import build
 from tests.runs import metrics, stop_at, start
 from tests.test_reliability import TINY, tiny_cfg
 
@@ -36,6 +40,41 @@ def test_run_trains_on_the_gpu(fmnist_root, tmp_path, settings):
     assert acc == logged[-1]["test_acc"] and 0 <= acc <= 1
     weights = torch.load(tmp_path / "model.pt", weights_only=True)  # saved as CPU tensors
     assert all(w.device.type == "cpu" and torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_a_recipe_run_trains_on_the_gpu(fmnist_root, tmp_path):
+    recipe = ["dataset.val_fraction=0.2", "loss.label_smoothing=0.1", "dataset.mixup_alpha=0.2",
+              "dataset.cutmix_alpha=1.0", "dataset.auto_augment=trivial", "dataset.erase_prob=0.25",
+              "dataset.rotate=10", "model.drop_path=0.1", "ema.decay=0.9", "optim.clip_grad_norm=1.0",
+              "trainer.accumulate=2", "trainer.tta=true", "optim.no_decay_norm_bias=true"]
+    acc = train(tiny_cfg(f"dataset.root={fmnist_root}", *GPU, *recipe), tmp_path)
+    logged = metrics(tmp_path)
+    assert acc == logged[-1]["val_acc"]
+    assert all(math.isfinite(r[key]) for r in logged for key in ("train_loss", "test_acc_ema", "grad_norm"))
+
+
+def test_a_recipe_step_does_not_wait_for_the_gpu(fmnist_root):
+    """Mixup/CutMix, erasing, rotation, drop path, clipping, the EMA and accumulation add no host
+    sync to a step: torch's sync debug mode raises at one. (Auto-augmentation is left out: some
+    of torchvision's operations may wait for the device.)"""
+    cfg = tiny_cfg(f"dataset.root={fmnist_root}", *GPU, "device.precision=bf16", "dataset.mixup_alpha=0.2",
+                   "dataset.cutmix_alpha=1.0", "dataset.erase_prob=0.5", "dataset.rotate=10", "dataset.vflip=true",
+                   "model.drop_path=0.2", "loss.label_smoothing=0.1", "ema.decay=0.9", "optim.clip_grad_norm=1.0",
+                   "trainer.accumulate=2", "dataset.augment=flip_crop")
+    runtime = device_setup.resolve(cfg.device)
+    data, model, forward, optimizer, scheduler, scaler = build(cfg, runtime, distributed.Ranks())
+    features = build_features(cfg, model, runtime.device, lambda m: {})
+    for epoch in (1, 2):  # the first epoch warms up: cuDNN's search, lazy initialisation
+        totals = RunningTotals(runtime.device)
+        if epoch == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            train_epoch(forward, data.train, optimizer, scheduler, scaler, runtime, epoch, totals, 0, features,
+                        accumulate=2, label_smoothing=0.1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert features[1].updates == 2 * 3 and math.isfinite(totals.loss_sum.item())
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

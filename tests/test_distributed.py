@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import checkpoint, distributed
@@ -24,6 +25,7 @@ from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.train import train
+from resnet_lab.trainer import updates
 from tests import runs
 from tests.runs import epochs, freeze_at, fresh_env, metrics, stop_at, start
 from tests.test_reliability import tiny_cfg
@@ -74,26 +76,36 @@ def bn_free_fit(cfg) -> dict:
                                     torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.ReLU(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
         parallel = DistributedDataParallel(model) if ranks.world_size > 1 else model
+        all_reduces = []
+        if ranks.world_size > 1:
+            parallel.register_comm_hook(None, lambda state, bucket: all_reduces.append(1) or
+                                        default_hooks.allreduce_hook(None, bucket))
+        accumulate = cfg.trainer.accumulate
         optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.sched, len(data.train), cfg.trainer.epochs)
+        scheduler = build_scheduler(optimizer, cfg.sched, updates(len(data.train), accumulate), cfg.trainer.epochs)
         rows = []
         for epoch in (1, 2):
             totals = RunningTotals(runtime.device)
-            train_epoch(parallel, data.train, optimizer, scheduler, runtime.grad_scaler(), runtime, epoch, totals)
+            train_epoch(parallel, data.train, optimizer, scheduler, runtime.grad_scaler(), runtime, epoch, totals,
+                        accumulate=accumulate)
             reduced = totals.reduced()
             rows.append({**reduced.metrics(), "seen": reduced.seen, **evaluate(parallel, data.test, runtime)})
         # Plain lists: tensors would travel through shared memory of a process that has ended.
-        return {"rows": rows, "weights": {k: v.tolist() for k, v in model.state_dict().items()}}
+        return {"rows": rows, "weights": {k: v.tolist() for k, v in model.state_dict().items()},
+                "all_reduces": len(all_reduces)}
 
 
-def test_two_ranks_learn_what_one_rank_learns():
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_ranks_learn_what_one_rank_learns(accumulate):
     # DDP averages gradients; with each rank's loss weighted by its share of the batch that is
     # the 1-rank gradient, uneven last batch (99 = 3 x 32 + 2 + 1) included. Batch norm is left
     # out: its statistics are per rank by design, and SyncBatchNorm runs on CUDA only.
     cfg = tiny_cfg("dataset=synthetic", "dataset.train_size=99", "dataset.test_size=37", *TINY,
-                   "optim.momentum=0.9")
+                   "optim.momentum=0.9", f"trainer.accumulate={accumulate}")
     one = bn_free_fit(cfg)
     two = distributed.spawn(2, bn_free_fit, cfg)
+    # One all-reduce (of the model's one bucket) per update: none on a group's earlier batches.
+    assert two["all_reduces"] == 2 * updates(4, accumulate)
     for a, b in zip(one["rows"], two["rows"]):
         assert a["seen"] == b["seen"] == 99
         assert a == pytest.approx(b, rel=1e-5)

@@ -64,6 +64,16 @@ def reference(fmnist_root, tmp_path_factory):
     return result
 
 
+def killed_at(args, run_dir: Path, target):
+    """Start a run, SIGKILL it at its first checkpoint at or past target; that (epoch, step)."""
+    proc = start(args, run_dir)
+    try:
+        return freeze_at(proc, run_dir, target)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference):
     run_dir = tmp_path / "run"
     args = [f"dataset.root={fmnist_root}", *TINY]
@@ -77,12 +87,7 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
     killed = proc.pid
     # ... the command again (a requeued job) takes over the dead run's lock, continues from
     # there, and is killed mid-epoch 2 ...
-    proc = start([*args, "trainer.checkpoint_every_steps=1"], run_dir)
-    try:
-        epoch, step = freeze_at(proc, run_dir, (2, 1))
-    finally:
-        proc.kill()
-        proc.wait()
+    epoch, step = killed_at([*args, "trainer.checkpoint_every_steps=1"], run_dir, (2, 1))
     assert epoch == 2 and 0 < step < STEPS
     log = (tmp_path / "run.log").read_text()
     assert "resuming from" in log
@@ -91,6 +96,27 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
     # ... and once more, to the end: every epoch once in metrics.jsonl, the same numbers, the same weights.
     assert train(tiny_cfg(f"dataset.root={fmnist_root}"), run_dir) == reference[0][-1]["test_acc"]
     assert_same_outcome(outcome(run_dir), reference)
+
+
+# Every training feature with state or randomness of its own: an EMA (with warm-up), updates of
+# 2 batches, clipping (its epoch's mean norm is in the rows), Mixup and CutMix, per-image
+# augmentation and erasing, stochastic depth.
+RECIPE = ["trainer.accumulate=2", "ema.decay=0.9", "ema.warmup=true", "optim.clip_grad_norm=0.5",
+          "dataset.mixup_alpha=0.4", "dataset.cutmix_alpha=1.0", "dataset.auto_augment=trivial",
+          "dataset.erase_prob=0.5", "model.drop_path=0.2", "trainer.epochs=2"]
+
+
+def test_a_recipe_run_killed_mid_epoch_resumes_to_the_metrics_of_one_never_stopped(fmnist_root, tmp_path):
+    args = [f"dataset.root={fmnist_root}", *TINY, *RECIPE]
+    reference_dir = tmp_path / "reference"
+    train(tiny_cfg(*args, "trainer.checkpoint_every_steps=0"), reference_dir)
+    run_dir = tmp_path / "run"
+    epoch, step = killed_at([*args, "trainer.checkpoint_every_steps=1"], run_dir, (2, 1))
+    assert epoch == 2 and 0 < step < STEPS and step % 2 == 0  # checkpoints fall between updates
+    train(tiny_cfg(*args), run_dir)
+    rows, _ = outcome(run_dir)
+    assert {"test_acc_ema", "grad_norm"} <= rows[-1].keys()
+    assert_same_outcome(outcome(run_dir), outcome(reference_dir))
 
 
 def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused(fmnist_root, tmp_path,
@@ -417,10 +443,12 @@ def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
                    "optim=sgd", "sched=onecycle"), tmp_path)
     state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)
     assert set(state) == {"epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-                          "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed", "weights_file"}
+                          "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed", "weights_file",
+                          "features"}
     # The weights are read from their own file, which best.pt (the best weights alone) links to.
     assert state["weights_file"].name.startswith(checkpoint.WEIGHTS_PREFIX)
     assert state["weights_file"].samefile(tmp_path / checkpoint.FOLDER / checkpoint.BEST)
+    assert state["features"] == {}  # no feature with a state of its own (an EMA) is on
     assert state["elapsed"] > 0
     assert state["rng_ranks"] == []  # one rank: its random state is "rng"
     assert (state["epoch"], state["step"], state["totals"]) == (2, 0, None)

@@ -77,20 +77,20 @@ def test_a_run_that_raises_is_finished_as_failed(tmp_path):
 
 @pytest.mark.parametrize("logger", ["wandb", "none"])
 def test_the_step_loss_is_read_only_every_n_steps(tmp_path, logger):
-    loss = CountingLoss()
+    loss, norm = CountingLoss(), CountingLoss()
     with Tracker(tmp_path, cfg_with(f"logger={logger}", "logger.log_every_steps=3")) as tracker:
         for step in range(1, 11):
-            tracker.step(step, loss)
+            tracker.step(step, loss, {"grad_norm": norm})  # a feature's value, read with the loss
         tracker.epoch(epoch_row(1, 0.5))
         tracker.finish({"params": 1})
     if logger == "none":
-        assert loss.reads == 0 and tracker.run_id is None and not (tmp_path / "wandb").exists()
+        assert loss.reads == norm.reads == 0 and tracker.run_id is None and not (tmp_path / "wandb").exists()
         return
-    assert loss.reads == 3
+    assert loss.reads == norm.reads == 3
     run = read_run(tmp_path)
     assert run.run.run_id == tracker.run_id
-    assert [(h["global_step"], h["train_loss_step"]) for h in run.history if "train_loss_step" in h] == [
-        (3, 0.5), (6, 0.5), (9, 0.5)]
+    assert [(h["global_step"], h["train_loss_step"], h["grad_norm"]) for h in run.history
+            if "train_loss_step" in h] == [(3, 0.5, 0.5), (6, 0.5, 0.5), (9, 0.5, 0.5)]
     assert [h["global_step"] for h in run.history if "epoch" in h] == [10]
 
 

@@ -23,6 +23,13 @@ def test_mid_epoch_checkpoints_fall_every_n_steps_of_the_run_not_of_the_epoch():
     assert not any(after_step(State(epoch=1, step=s), 5, 0, 0, False).save for s in range(1, 6))
 
 
+def test_with_accumulation_checkpoints_count_updates_and_fall_between_them():
+    # 6 batches an epoch, 2 to an update (3 updates), a checkpoint every 2 updates of the run.
+    due = [(epoch, step) for epoch in (1, 2) for step in (2, 4, 6)
+           if after_step(State(epoch=epoch, step=step), 6, 2, 0, False, accumulate=2).save]
+    assert due == [(1, 4), (2, 2)]
+
+
 def test_a_signal_saves_and_stops_and_every_save_looks_at_the_loss_first():
     assert after_step(State(epoch=1, step=2), 5, 0, 15, False) == Decision(check_loss=True, save=True, stop=15)
     assert after_step(State(epoch=1, step=3), 5, 3, 0, False) == Decision(check_loss=True, save=True)
@@ -63,6 +70,10 @@ def test_resume_plan_fresh_continue_finished_refuse(tmp_path):
     save_checkpoint(cosine, composed("sched=cosine"), epoch=2, step=0)
     with pytest.raises(UserError, match="trainer.batch_size=64 .checkpoint: 256.: .* sched=cosine"):
         resume.plan(cosine, composed("sched=cosine", "trainer.batch_size=64"))
+    with pytest.raises(UserError, match="trainer.accumulate=2 .checkpoint: 1.: .* sched=cosine"):
+        resume.plan(cosine, composed("sched=cosine", "trainer.accumulate=2"))
+    with pytest.raises(UserError, match="saved with optim.no_decay_norm_bias=False, this run has .*=True"):
+        resume.plan(tmp_path, composed("optim.no_decay_norm_bias=true"))
     # A schedule-less run may change its length.
     assert resume.plan(tmp_path, composed("trainer.batch_size=64")).action == "continue"
     # Past its epochs: finished once its status says so, with any setting that trains nothing differently.

@@ -88,9 +88,11 @@ class Loader:
 
     def __init__(self, num_samples: int, batch_size: int, normalizer: Normalizer, *,
                  shuffle: bool, augment: bool = False, seed: int = 0, limit: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, recipe=None):
+        """augment: flip and crop; recipe: the rest of the augmentation (data.augment.Recipe)."""
         self.num_samples, self.batch_size, self.normalize = num_samples, batch_size, normalizer
         self.shuffle, self.augment, self.seed, self.limit = shuffle, augment, seed, limit
+        self.recipe = recipe
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
@@ -121,10 +123,16 @@ class Loader:
         return torch.randperm(self.num_samples, generator=gen)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The normalised batches of one epoch, from batch index `start` on."""
+        """The normalised batches of one epoch, from batch index `start` on; with mixing, the
+        labels are label weights (N x classes)."""
         for i, (images, labels) in enumerate(self.raw_batches(epoch, start), start):
-            seed = batch_seed(self.seed, epoch, i) if self.augment else None
-            yield self.normalize(images, seed, self.part(i), self.global_size(i)), labels
+            seed, part, total = batch_seed(self.seed, epoch, i), self.part(i), self.global_size(i)
+            if self.recipe is not None:
+                images = self.recipe.images(images, seed, part, total)
+            x = self.normalize(images, seed if self.augment else None, part, total)
+            if self.recipe is not None:
+                x, labels = self.recipe.batch(x, labels, seed, part, total)
+            yield x, labels
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError

@@ -35,6 +35,9 @@ class Architecture:
     groups: int = 1  # ResNeXt's cardinality (bottleneck blocks)
     width_per_group: int = 64
     dropout: float = 0.0  # between a block's convs (WRN)
+    # Stochastic depth (Huang et al. 2016): the last block's residual branch is dropped with this
+    # probability per image while training, earlier blocks' in proportion to their depth.
+    drop_path: float = 0.0
     zero_init_residual: bool = False  # each residual branch's last BN (or conv) starts at zero
     bias: bool = False  # conv biases (the d2l network)
     projection_norm: bool = True  # BN after a post-activation block's 1x1 projection
@@ -72,6 +75,22 @@ class BlockOptions:
     projection_norm: bool = True
     # Pre-activation blocks: BN-ReLU the input. The network's first block gets it from the stem.
     preactivate: bool = True
+    drop_path: float = 0.0  # this block's
+
+
+class DropPath(nn.Module):
+    """Zeroes the residual branch of each image with probability p while training, and scales
+    the kept ones by 1 / (1 - p) (so evaluation needs no change); nothing at p = 0."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p:
+            return x
+        keep = torch.empty((len(x),) + (1,) * (x.dim() - 1), device=x.device).bernoulli_(1 - self.p)
+        return x * keep.div_(1 - self.p).to(x.dtype)
 
 
 def make_shortcut(opts: BlockOptions, cin: int, cout: int, stride: int, norm: bool) -> Optional[nn.Module]:
@@ -108,12 +127,13 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes, bias=opts.bias)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = make_shortcut(opts, cin, planes, stride, opts.projection_norm)
+        self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(self.dropout(out)))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -137,13 +157,14 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = make_shortcut(opts, cin, planes * self.expansion, stride, opts.projection_norm)
+        self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.dropout(out)))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -165,13 +186,14 @@ class PreActBlock(nn.Module):
         self.dropout = make_dropout(opts.dropout)
         self.conv2 = conv3x3(planes, planes, bias=opts.bias)
         self.downsample = make_shortcut(opts, cin, planes, stride, norm=False)
+        self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.bn1 is None else self.relu(self.bn1(x))
         identity = x if self.downsample is None else self.downsample(out)
         out = self.conv1(out)
         out = self.conv2(self.dropout(self.relu(self.bn2(out))))
-        return out + identity
+        return self.drop_path(out) + identity
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv2.weight)
@@ -194,6 +216,7 @@ class PreActBottleneck(nn.Module):
         self.dropout = make_dropout(opts.dropout)
         self.conv3 = conv1x1(width, planes * self.expansion, bias=opts.bias)
         self.downsample = make_shortcut(opts, cin, planes * self.expansion, stride, norm=False)
+        self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.bn1 is None else self.relu(self.bn1(x))
@@ -201,7 +224,7 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(out)
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.dropout(self.relu(self.bn3(out))))
-        return out + identity
+        return self.drop_path(out) + identity
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv3.weight)
@@ -244,12 +267,15 @@ class ResNet(nn.Module):
 
         cin = width
         self.stages = [f"layer{i + 1}" for i in range(len(arch.layers))]
+        depths = iter(range(1, sum(arch.layers) + 1))
         for i, (name, depth) in enumerate(zip(self.stages, arch.layers)):
             planes = width * arch.widen * 2**i
             blocks = []
             for j in range(depth):
-                # The stem's BN-ReLU pre-activates the first block.
-                block_opts = replace(opts, preactivate=False) if i == j == 0 else opts
+                # The stem's BN-ReLU pre-activates the first block; stochastic depth's rate grows
+                # linearly to drop_path at the last block.
+                block_opts = replace(opts, preactivate=i + j > 0,
+                                     drop_path=arch.drop_path * next(depths) / sum(arch.layers))
                 blocks.append(block_cls(cin, planes, 2 if i > 0 and j == 0 else 1, block_opts))
                 cin = planes * block_cls.expansion
             setattr(self, name, nn.Sequential(*blocks))
@@ -290,8 +316,9 @@ def check(arch: Architecture) -> None:
             raise UserError(f"model.{key}={getattr(arch, key)}: must be >= 1")
     if not arch.layers or min(arch.layers) < 1:
         raise UserError(f"model.layers={list(arch.layers)}: must list at least one stage, each of >= 1 blocks")
-    if not 0 <= arch.dropout < 1:
-        raise UserError(f"model.dropout={arch.dropout}: must be in [0, 1)")
+    for key in ("dropout", "drop_path"):
+        if not 0 <= getattr(arch, key) < 1:
+            raise UserError(f"model.{key}={getattr(arch, key)}: must be in [0, 1)")
     if BLOCKS[arch.block].expansion == 1 and (arch.groups != 1 or arch.width_per_group != 64):
         raise UserError(f"model.groups={arch.groups}, model.width_per_group={arch.width_per_group}: "
                         "basic blocks take only 1 and 64; grouped convs need a bottleneck block")
