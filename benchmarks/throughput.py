@@ -57,7 +57,9 @@ def settings(name: str, device: str, width: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The pipelines: each returns run(steps) -> images trained, and runs in a child process.
 
-def baseline(args, device, _settings):
+def starting_point(root: str, batch_size: int, width: int, device):
+    """The starting-point script's parts: its DataLoader of ToTensor images (4 workers, shuffled),
+    its network, optimizer and loss."""
     import warnings
 
     import torch
@@ -68,12 +70,28 @@ def baseline(args, device, _settings):
 
     # The script's 4 workers on a 2-core machine: torch warns about it, and it is what ran.
     warnings.filterwarnings("ignore", message="This DataLoader will create")
-    train_data = datasets.FashionMNIST(args.root, train=True, transform=transforms.ToTensor())
-    train_iter = torch.utils.data.DataLoader(train_data, args.batch_size, shuffle=True, num_workers=4)
+    train_data = datasets.FashionMNIST(root, train=True, transform=transforms.ToTensor())
+    train_iter = torch.utils.data.DataLoader(train_data, batch_size, shuffle=True, num_workers=4)
     # The script's network: resnet18_d2l is it, logit for logit (tests/test_models.py).
-    net = MODELS.get("resnet18_d2l")(in_channels=1, num_classes=10, width=args.width).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss = nn.CrossEntropyLoss()
+    net = MODELS.get("resnet18_d2l")(in_channels=1, num_classes=10, width=width).to(device)
+    return train_iter, net, torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+
+
+def script_step(net, optimizer, loss, X, y, device, metric) -> None:
+    """One training step as the script takes it, its two host syncs (.item()) included."""
+    optimizer.zero_grad()
+    X, y = X.to(device), y.to(device)
+    y_hat = net(X)
+    l = loss(y_hat, y)  # noqa: E741  (the script's names)
+    l.backward()
+    optimizer.step()
+    metric[0] += l.item() * len(y)
+    metric[1] += (y_hat.argmax(1) == y).sum().item()
+    metric[2] += len(y)
+
+
+def baseline(args, device, _settings):
+    train_iter, net, optimizer, loss = starting_point(args.root, args.batch_size, args.width, device)
     batches = iter(())
     metric = [0.0, 0, 0]
 
@@ -85,15 +103,7 @@ def baseline(args, device, _settings):
             if X is None or len(y) < args.batch_size:  # the script's next epoch (full batches only)
                 batches = iter(train_iter)
                 X, y = next(batches)
-            optimizer.zero_grad()
-            X, y = X.to(device), y.to(device)
-            y_hat = net(X)
-            l = loss(y_hat, y)  # noqa: E741  (the script's names)
-            l.backward()
-            optimizer.step()
-            metric[0] += l.item() * len(y)
-            metric[1] += (y_hat.argmax(1) == y).sum().item()
-            metric[2] += len(y)
+            script_step(net, optimizer, loss, X, y, device, metric)
         return steps * args.batch_size
 
     return run

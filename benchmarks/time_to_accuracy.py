@@ -1,21 +1,27 @@
-"""Seconds to a test accuracy: the real `python -m resnet_lab`, timed from its launch.
+"""Time to accuracy, side by side: the starting-point script against a resnet_lab preset, each
+timed from its launch, on the same machine in one invocation.
 
-    python benchmarks/time_to_accuracy.py --root DIR [--target 0.92] [--max-epochs 30] [--max-seconds S]
-                                          [--device auto|cpu|cuda] [--json FILE] [OVERRIDE ...]
+    python benchmarks/time_to_accuracy.py --root DIR [--preset fashion_mnist_fast] [--reps 2]
+        [--device auto|cpu|cuda] [--max-seconds S] [--json FILE] [--run-dir DIR] [OVERRIDE ...]
 
-Runs ResNet-18 with the CIFAR stem (3x3, no max-pool: 28x28 inputs keep their resolution) and
-flip_crop augmentation on Fashion-MNIST from DIR, otherwise the starting-point recipe (Adam 1e-3,
-batch 256), as a child process in a fresh run folder. It watches the run's metrics.jsonl and stops
-the run (SIGTERM: the run writes its checkpoint and exits) at the first epoch whose test accuracy
-reaches the target. Reported: the wall seconds from launch to that epoch's row (start-up, reading
-the data, compilation and evaluation included) and the training seconds summed over the epochs.
-Further OVERRIDEs go to the run as they are, e.g. device.compile=true or optim.lr=2e-3.
+Each repetition runs both, one after the other, alternating which goes first (baseline, preset;
+then preset, baseline; ...), as child processes on Fashion-MNIST from DIR:
+  baseline  the starting-point script (benchmarks/throughput.py's baseline pipeline): a DataLoader
+            of ToTensor images with 4 workers, the d2l ResNet-18, Adam 1e-3, batch 256, 2 epochs,
+            and its test accuracy after each epoch
+  preset    `python -m resnet_lab experiment=PRESET`, watched through its metrics.jsonl; further
+            OVERRIDEs go to it as they are (e.g. device.compile=true)
+Reported for each: the wall seconds from launch to each epoch's evaluation and the test accuracy
+there; for the preset, the seconds to 0.87, 0.90, 0.92 and 0.93, its accuracy at the baseline's
+wall time (the last epoch evaluated by then) and its best within 3x that time; medians over the
+repetitions; the CPU (or GPU) and the load average.
 """
 
 import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,10 +30,13 @@ from pathlib import Path
 
 from resnet_lab.errors import ended
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (the starting-point script's parts, the machine's name)
+
 POLL_S = 0.1
-STOP_TIMEOUT_S = 120  # for the run to write its checkpoint and exit once stopped
-RECIPE = ["model=resnet18", "model.stem=cifar", "dataset=fashion_mnist", "dataset.augment=flip_crop",
-          "optim=adam", "optim.lr=1e-3", "sched=none", "trainer.batch_size=256", "logger=none"]
+TARGETS = (0.87, 0.90, 0.92, 0.93)
+HORIZON = 3  # the stretch goal's budget, in baseline wall times
+STOP_TIMEOUT_S = 120  # for a run stopped at --max-seconds to write its checkpoint and exit
 
 
 def rows(path: Path) -> list:
@@ -38,85 +47,160 @@ def rows(path: Path) -> list:
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
-def device_name(device: str) -> str:
+def baseline_child(args) -> None:
+    """The starting-point script's 2 epochs, printing each epoch's test accuracy as a JSON line."""
     import torch
+    from torchvision import datasets, transforms
 
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name()
-    return f"cpu ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    train_iter, net, optimizer, loss = throughput.starting_point(args.root, args.batch_size, args.width, device)
+    test_data = datasets.FashionMNIST(args.root, train=False, transform=transforms.ToTensor())
+    test_iter = torch.utils.data.DataLoader(test_data, args.batch_size, shuffle=False, num_workers=4)
+    for epoch in range(1, 3):
+        net.train()
+        metric = [0.0, 0, 0]
+        for i, (X, y) in enumerate(train_iter):
+            if args.batches and i == args.batches:
+                break
+            throughput.script_step(net, optimizer, loss, X, y, device, metric)
+        net.eval()
+        right = seen = 0
+        with torch.no_grad():
+            for X, y in test_iter:
+                right += (net(X.to(device)).argmax(1) == y.to(device)).sum().item()
+                seen += len(y)
+        print(json.dumps({"epoch": epoch, "train_loss": metric[0] / metric[2], "test_acc": right / seen}), flush=True)
 
 
-def measure(args, run_dir: Path) -> dict:
-    overrides = [*RECIPE, f"dataset.root={args.root}", "dataset.download=false", f"device={args.device}",
-                 f"trainer.epochs={args.max_epochs}", "trainer.progress=false", f"hydra.run.dir={run_dir}",
+def run_baseline(args) -> list:
+    command = [sys.executable, __file__, "--child", "--root", args.root, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--width", str(args.width), "--batches", str(args.batches)]
+    launched = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    epochs = [{**json.loads(line), "wall_s": time.perf_counter() - launched} for line in proc.stdout]
+    if proc.wait():
+        raise SystemExit(f"error: the starting-point script {ended(proc.returncode)} (its messages are above)")
+    return epochs
+
+
+def run_preset(args, run_dir: Path) -> list:
+    overrides = [f"experiment={args.preset}", f"dataset.root={args.root}", "dataset.download=false",
+                 f"device={args.device}", "trainer.progress=false", "logger=none", f"hydra.run.dir={run_dir}",
                  *args.overrides]
-    metrics = run_dir / "metrics.jsonl"
-    seen, reached, stopped = [], None, False
+    metrics, seen, stopped = run_dir / "metrics.jsonl", [], False
     # A file, not a pipe: nobody reads a pipe while the run trains, and a full one would stop it.
     with tempfile.TemporaryFile("w+") as errors:
         launched = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "resnet_lab", *overrides], stderr=errors, text=True)
-        out_of_time = False
-        while reached is None and proc.poll() is None and not out_of_time:
+        while proc.poll() is None:
             time.sleep(POLL_S)
-            out_of_time = args.max_seconds is not None and time.perf_counter() - launched > args.max_seconds
-            for row in rows(metrics)[len(seen):]:
-                seen.append({**row, "wall_s": time.perf_counter() - launched})
-                print(f"epoch {row['epoch']}: test acc {row['test_acc']:.4f} at {seen[-1]['wall_s']:.1f} s",
-                      file=sys.stderr, flush=True)
-                if reached is None and row["test_acc"] >= args.target:
-                    reached = seen[-1]
-        if proc.poll() is None:  # reached, or out of time
-            proc.send_signal(signal.SIGTERM)
-            stopped = True
+            seen += [{**row, "wall_s": time.perf_counter() - launched} for row in rows(metrics)[len(seen):]]
+            if args.max_seconds is not None and time.perf_counter() - launched > args.max_seconds and not stopped:
+                proc.send_signal(signal.SIGTERM)  # the run writes its checkpoint and exits
+                stopped = True
         proc.wait(timeout=STOP_TIMEOUT_S)
-        # 0: it finished its epochs (the last may be the one); 143: our SIGTERM stopped it after a
-        # step; -15: our SIGTERM came before it set up its handler (still starting).
+        # 143: our SIGTERM stopped it after a step; -15: before it set up its handler.
         if proc.returncode != 0 and not (stopped and proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM)):
             errors.seek(0)
             raise SystemExit(f"{errors.read()[-3000:]}\nerror: the run {ended(proc.returncode)}; its log: "
                              f"{run_dir / 'train.log'}")
-    seen += [{**row, "wall_s": None} for row in rows(metrics)[len(seen):]]  # written as it exited
-    reached = reached or next((r for r in seen if r["test_acc"] >= args.target), None)
+    # Rows written as it exited were never seen while it ran: they have no wall time.
+    return seen + [{**row, "wall_s": None} for row in rows(metrics)[len(seen):]]
+
+
+def summary(baseline: list, preset: list) -> dict:
+    """The preset against one repetition's baseline: seconds to each target, accuracy at the
+    baseline's wall time, best within HORIZON times it."""
+    budget = baseline[-1]["wall_s"]
+    timed = [r for r in preset if r["wall_s"] is not None]
+    within = lambda limit: [r["test_acc"] for r in timed if r["wall_s"] <= limit]  # noqa: E731
     return {
-        "device": args.device,
-        "device_name": device_name(args.device),
-        "target": args.target,
-        "overrides": overrides,
-        "reached": reached is not None,
-        "epoch": reached and reached["epoch"],
-        "wall_s": reached and reached["wall_s"],
-        "train_s": reached and sum(r["seconds"] for r in seen if r["epoch"] <= reached["epoch"]),
-        "test_acc": reached and reached["test_acc"],
-        "epochs": seen,
+        "baseline_wall_s": budget,
+        "baseline_acc": baseline[-1]["test_acc"],
+        "seconds_to": {str(t): next((r["wall_s"] for r in timed if r["test_acc"] >= t), None) for t in TARGETS},
+        "acc_at_baseline_wall": (within(budget) or [None])[-1],
+        f"best_within_{HORIZON}x": max(within(HORIZON * budget), default=None),
     }
 
 
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def measure(args, where: Path) -> dict:
+    load_start, reps = os.getloadavg()[0], []
+    for rep in range(args.reps):
+        order = ("baseline", "preset") if rep % 2 == 0 else ("preset", "baseline")
+        got = {}
+        for name in order:
+            print(f"repetition {rep + 1}/{args.reps}: {name}", file=sys.stderr, flush=True)
+            got[name] = run_baseline(args) if name == "baseline" else run_preset(args, where / f"preset{rep + 1}")
+        reps.append({"order": list(order), **got, **summary(got["baseline"], got["preset"])})
+    keys = ("baseline_wall_s", "baseline_acc", "acc_at_baseline_wall", f"best_within_{HORIZON}x")
+    return {
+        "device_name": throughput.device_name("cuda" if args.device != "cpu" and cuda() else "cpu"),
+        "torch": __import__("torch").__version__,
+        "preset": args.preset,
+        "overrides": args.overrides,
+        "loadavg": {"start": load_start, "end": os.getloadavg()[0]},
+        "repetitions": reps,
+        "medians": {**{k: median(r[k] for r in reps) for k in keys},
+                    "seconds_to": {str(t): median(r["seconds_to"][str(t)] for r in reps) for t in TARGETS}},
+    }
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def report(out: dict) -> str:
-    if not out["reached"]:
-        return (f"{out['device_name']}: test accuracy {out['target']} not reached in "
-                f"{len(out['epochs'])} epochs (best {max((r['test_acc'] for r in out['epochs']), default=0):.4f})")
-    return (f"{out['device_name']}: test accuracy {out['test_acc']:.4f} >= {out['target']} at epoch "
-            f"{out['epoch']}, {out['wall_s']:.1f} s from launch ({out['train_s']:.1f} s of training)")
+    show = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    lines = [f"{out['device_name']}, torch {out['torch']}; load average {out['loadavg']['start']:.1f} at the start, "
+             f"{out['loadavg']['end']:.1f} at the end",
+             f"{'rep':>3} {'run':<9} {'epoch':>5} {'wall s':>7} {'test acc':>8}"]
+    for i, rep in enumerate(out["repetitions"], 1):
+        for name in rep["order"]:
+            lines += [f"{i:>3} {name:<9} {r['epoch']:>5} {show(r['wall_s']):>7} {r['test_acc']:>8.4f}" for r in rep[name]]
+    m = out["medians"]
+    lines.append(f"medians: baseline {show(m['baseline_acc'], '{:.4f}')} at {show(m['baseline_wall_s'])} s; "
+                 f"{out['preset']} at that time {show(m['acc_at_baseline_wall'], '{:.4f}')}, best within "
+                 f"{HORIZON}x {show(m[f'best_within_{HORIZON}x'], '{:.4f}')}; seconds to "
+                 + ", ".join(f"{t}: {show(s)}" for t, s in m["seconds_to"].items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", required=True, help="folder holding FashionMNIST/raw/*-ubyte")
+    p.add_argument("--preset", default="fashion_mnist_fast", help="the experiment= preset to time")
+    p.add_argument("--reps", type=int, default=2, help="repetitions, alternating which runs first")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-seconds", type=float, help="stop a preset run after this many seconds from launch")
+    p.add_argument("--batch-size", type=int, default=256, help="the starting-point script's batch size")
+    p.add_argument("--width", type=int, default=64, help="the starting-point script's network width")
+    p.add_argument("--batches", type=int, default=0, help="the script's training batches per epoch (0: all)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--run-dir", help="a folder for the preset's runs, one per repetition (default: a new "
+                                     "temporary one, kept, so that a failed run's log stays)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="more config overrides for the preset's runs")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", required=True, help="folder holding FashionMNIST/raw/*-ubyte")
-    p.add_argument("--target", type=float, default=0.92, help="test accuracy to reach, in (0, 1]")
-    p.add_argument("--max-epochs", type=int, default=30, help="give up after this many epochs")
-    p.add_argument("--max-seconds", type=float, help="give up after this many seconds from launch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--json", help="also write the result to this file")
-    p.add_argument("--run-dir", help="a new folder for the run, kept (default: a temporary one)")
-    p.add_argument("overrides", nargs="*", help="more config overrides for the run")
-    args = p.parse_args(argv)
-    if not 0 < args.target <= 1:
-        p.error(f"--target {args.target}: a test accuracy in (0, 1]")
-    if args.max_epochs < 1:
-        p.error("--max-epochs must be >= 1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = measure(args, Path(args.run_dir) if args.run_dir else Path(tmp) / "run")
+    args = parse_args(argv)
+    if args.child:
+        return baseline_child(args)
+    throughput.check_root(args.root)
+    if args.device == "cuda" and not cuda():
+        raise SystemExit("error: --device cuda: no CUDA device is available here")
+    out = measure(args, Path(args.run_dir or tempfile.mkdtemp(prefix="time_to_accuracy_")))
     print(report(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -1,13 +1,13 @@
 """The benchmarks in their tiny modes: throughput runs every pipeline and writes the full JSON;
-time_to_accuracy stops a real run at its target; gpu_check runs them all."""
+time_to_accuracy runs the starting-point script and the preset side by side; gpu_check runs them all."""
 
 import json
 import math
 import os
 import subprocess
-import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -49,43 +49,41 @@ def test_benchmark_says_where_the_data_is_missing(tmp_path, python):
     assert "train-images-idx3-ubyte" in proc.stderr and str(tmp_path) in proc.stderr
 
 
-def time_to_accuracy(python, root, out, *args):
+def time_to_accuracy(python, root, out, *args, **run):
+    """The benchmark at a tiny size: the script's network at width 4, 2 batches of 32 per epoch;
+    the preset at width 4, 2 batches an epoch."""
     return subprocess.run(
         [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(root), "--device", "cpu",
-         "--json", str(out), *args, "model.width=4", "trainer.batch_size=32"],
-        capture_output=True, text=True, timeout=300)
+         "--json", str(out), "--batch-size", "32", "--width", "4", "--batches", "2", *args, "model.width=4",
+         "trainer.batch_size=32", "trainer.limit_train_batches=2"],
+        capture_output=True, text=True, timeout=300, **run)
 
 
-def test_time_to_accuracy_stops_the_run_at_the_target(fmnist_root, tmp_path, python):
-    out, run_dir = tmp_path / "tta.json", tmp_path / "run"
-    proc = time_to_accuracy(python, fmnist_root, out, "--target", "0.01", "--max-epochs", "20",
-                            "--run-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["reached"] and result["epoch"] == 1 and result["test_acc"] >= 0.01
-    assert result["wall_s"] > result["train_s"] > 0  # from launch: start-up and evaluation count
-    assert "model.stem=cifar" in result["overrides"] and "dataset.augment=flip_crop" in result["overrides"]
-    # Stopped (SIGTERM) long before its 20 epochs, with the run's own checkpoint written.
-    assert (run_dir / "status").read_text().strip() == "stopped"
-    assert len(result["epochs"]) < 20 and (run_dir / "checkpoints" / "last.pt").exists()
-
-
-def test_time_to_accuracy_reports_a_target_not_reached(fmnist_root, tmp_path, python):
+def test_time_to_accuracy_runs_both_in_alternating_order_and_compares_them(fmnist_root, tmp_path, python):
     out = tmp_path / "tta.json"
-    proc = time_to_accuracy(python, fmnist_root, out, "--target", "1.0", "--max-epochs", "1",
-                            "trainer.limit_train_batches=1")
+    proc = time_to_accuracy(python, fmnist_root, out, "--reps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert not result["reached"] and result["wall_s"] is None and len(result["epochs"]) == 1
-    assert "not reached in 1 epochs" in proc.stdout
-    # Out of time: the run is stopped, and what it did is reported. (A learning rate too small to
-    # learn: given time, the tiny data can be learnt perfectly.)
-    began = time.monotonic()
-    proc = time_to_accuracy(python, fmnist_root, out, "--target", "1.0", "--max-epochs", "1000",
-                            "--max-seconds", "15", "trainer.limit_train_batches=1", "optim.lr=1e-9")
-    assert proc.returncode == 0 and time.monotonic() - began < 60, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert not result["reached"] and 0 < len(result["epochs"]) < 1000
+    assert result["preset"] == "fashion_mnist_fast" and result["device_name"] in proc.stdout
+    first, second = result["repetitions"]
+    assert first["order"] == ["baseline", "preset"] and second["order"] == ["preset", "baseline"]
+    for rep in (first, second):
+        assert [r["epoch"] for r in rep["baseline"]] == [1, 2]
+        assert [r["epoch"] for r in rep["preset"]] == [1, 2, 3]  # the preset's own epochs
+        for run in (rep["baseline"], rep["preset"]):
+            walls = [r["wall_s"] for r in run if r["wall_s"] is not None]
+            assert walls == sorted(walls) and walls[0] > 0 and all(0 <= r["test_acc"] <= 1 for r in run)
+        # What the preset had reached when the baseline ended: its last row evaluated by then.
+        budget = rep["baseline_wall_s"]
+        assert budget == rep["baseline"][-1]["wall_s"]
+        by_then = [r["test_acc"] for r in rep["preset"] if r["wall_s"] is not None and r["wall_s"] <= budget]
+        assert rep["acc_at_baseline_wall"] == (by_then[-1] if by_then else None)
+        for target, seconds in rep["seconds_to"].items():
+            reached = [r["wall_s"] for r in rep["preset"] if r["wall_s"] is not None and r["test_acc"] >= float(target)]
+            assert seconds == (reached[0] if reached else None)
+    assert result["medians"]["baseline_wall_s"] == pytest.approx(
+        (first["baseline_wall_s"] + second["baseline_wall_s"]) / 2)
+    assert "medians: baseline" in proc.stdout
 
 
 def test_time_to_accuracy_names_the_signal_that_killed_the_run(fmnist_root, tmp_path, python):
@@ -96,14 +94,11 @@ def test_time_to_accuracy_names_the_signal_that_killed_the_run(fmnist_root, tmp_
         "import os, signal, sys\n"
         "if sys.orig_argv[1:3] == ['-m', 'resnet_lab']:\n"
         "    os.kill(os.getpid(), signal.SIGBUS)\n")
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(fmnist_root), "--device", "cpu",
-         "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    proc = time_to_accuracy(python, fmnist_root, tmp_path / "tta.json", "--reps", "1", "--run-dir", str(tmp_path),
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == \
-        f"error: the run died of SIGBUS (signal 7); its log: {run_dir / 'train.log'}"
+        f"error: the run died of SIGBUS (signal 7); its log: {tmp_path}/preset1/train.log"
 
 
 def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path, python):
