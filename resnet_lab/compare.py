@@ -227,6 +227,12 @@ class SweepSummary(Callback):
             return
         show(records(runs), title=f"sweep {sweep_dir}")
         console = Console()
+        pruned = [run for run in runs if run.status == "pruned"]
+        if pruned:
+            planned = sum(run.planned_epochs or 0 for run in runs)
+            saved = sum((run.planned_epochs or 0) - len(run.rows) for run in pruned)
+            console.print(f"pruned: {', '.join(f'{run.path.name} at epoch {len(run.rows)}' for run in pruned)}; "
+                          f"pruning saved {saved} of {planned} planned epochs", soft_wrap=True)
         top = best(runs)
         if top is None:
             console.print("best run: none, no run finished", soft_wrap=True)

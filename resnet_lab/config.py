@@ -192,6 +192,15 @@ class LoggerConfig:
 
 
 @dataclass
+class SearchConfig:
+    # Set by the Optuna search (resnet_lab.sweeps.search) on each of its trials, so that the run
+    # reports its objective to the study after every epoch and stops when the pruner says so.
+    storage: Optional[str] = None  # the study's storage (resnet_lab.sweeps.storage)
+    study: Optional[str] = None
+    trial: Optional[int] = None  # the trial's number in the study
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -202,6 +211,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     seed: int = 0
 
 
@@ -261,6 +271,7 @@ BOUNDS = {
     "dataset.num_workers": (0, True),
     "dataset.cache_max_gb": (0, True),
     "logger.log_every_steps": (1, True),
+    "search.trial": (0, True),
 }
 
 # Fractions and probabilities, from 0: key -> whether 1 itself is allowed.
@@ -330,6 +341,15 @@ def objective(cfg: Any) -> str:
     return chosen
 
 
+def _check_search(cfg: Any) -> None:
+    """A trial of a search names all three of its keys (the search sets them), or none."""
+    keys = {key: OmegaConf.select(cfg, f"search.{key}") for key in ("storage", "study", "trial")}
+    if any(v is not None for v in keys.values()) and any(v is None for v in keys.values()):
+        unset = ", ".join(f"search.{k}" for k, v in keys.items() if v is None)
+        raise UserError(f"{unset}: unset, while the other search.* keys are set; the Optuna search sets all "
+                        f"three for each of its trials (hparams_search=optuna), leave them to it")
+
+
 CACHE_MODES = ("auto", "true", "false")
 
 
@@ -362,6 +382,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)
+    _check_search(cfg)
     if cfg.dataset.randaugment_magnitude > 30:
         raise UserError(f"dataset.randaugment_magnitude={cfg.dataset.randaugment_magnitude}: must be in 0..30 "
                         f"(of torchvision's 31 magnitude bins)")

@@ -11,7 +11,7 @@ class UserError(Exception):
 class HeldBack:
     """stderr, holding back the line Hydra writes above a single run's error before it re-raises
     it, for __main__ to show above a traceback or drop: the run's own command needs no repeating.
-    In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it)."""
+    In a sweep the line names the failed job and passes (the Optuna search goes on after it)."""
 
     # Relies on: Hydra writes this line, alone, before re-raising a job's error (tests/test_hydra_contract.py).
     PREFIX = "Error executing job with overrides:"
@@ -81,9 +81,6 @@ def describe(e: BaseException):
         return f"could not parse the command-line overrides: {line}"
     if isinstance(e, ConfigCompositionException):
         return " ".join(filter(None, [_first_line(e), _first_line(cause) if cause else ""]))
-    if isinstance(e, ValueError) and str(e) == "No trials are completed yet.":
-        # Optuna's sweeper asks its study for the best trial after the last one.
-        return "every trial of the Optuna search failed (the 'Failed experiment' lines above say why)"
     if isinstance(e, ValueError) and str(e).startswith("Unable to configure handler"):
         e = e.__cause__  # logging's, when Hydra cannot open the run's log file
     if isinstance(e, OSError) and e.filename:

@@ -20,7 +20,7 @@ log = logging.getLogger("resnet_lab")
 
 # Overrides that say where a run reads or how it logs or is swept, not what it trains: left out
 # of W&B run names and of `compare`'s columns, and free to differ when a finished run is asked for.
-NOISE_KEYS = ("hydra", "logger", "hparams_search", "trainer.progress", "dataset.root",
+NOISE_KEYS = ("hydra", "logger", "hparams_search", "search", "trainer.progress", "dataset.root",
               "dataset.download", "dataset.num_workers", "dataset.cache", "dataset.cache_dir",
               "dataset.cache_max_gb")
 # Settings that change how a run executes, not what it learns (besides NOISE_KEYS;

@@ -14,12 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from resnet_lab import distributed
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped
+from resnet_lab.sweeps.trial import Pruned
 
 log = logging.getLogger("resnet_lab")
 
 METRICS_FILE = "metrics.jsonl"
-# One word: running (from the start), then finished, failed, or stopped (by a signal, after
-# writing last.pt). A run killed outright stays
+# One word: running (from the start), then finished, failed, stopped (by a signal, after
+# writing last.pt), or pruned (a search's pruner stopped it at an epoch's end, after writing
+# last.pt). A run killed outright stays
 # "running", which is how `compare` tells an interrupted run from a finished one.
 STATUS_FILE = "status"
 EVAL_FOLDER = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
@@ -244,6 +246,9 @@ class Tracker:
                 if self.wandb is not None:
                     self.wandb.mark_preempting()
                 self.finish({}, exit_code=exc.code, status="stopped")
+            elif isinstance(exc, Pruned):
+                # Not a failure: the search's pruner stopped it, and the trial's state says so.
+                self.finish({"trial_state": "pruned", "pruned_at_epoch": exc.epoch}, status="pruned")
             else:
                 self.finish({}, exit_code=0 if exc_type is None else 1)
         except UserError:

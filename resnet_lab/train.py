@@ -26,14 +26,15 @@ log = logging.getLogger("resnet_lab")
 register_configs()
 
 
-def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
-    """(W&B group, W&B name): the sweep folder and the job's overrides, when Hydra runs this job."""
+def job_identity(run_dir: Path, study: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """(W&B group, W&B name): the sweep folder (a search's study, for its trials) and the job's
+    overrides, when Hydra runs this job."""
     run_dir = Path(run_dir).resolve()
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         # Only Hydra's current job may take its identity: train() can be called with any folder.
         if Path(hydra.runtime.output_dir).resolve() == run_dir:
-            group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+            group = (study or str(hydra.sweep.dir)) if hydra.mode == RunMode.MULTIRUN else None
             # Sorted, as in Hydra's override_dirname.
             return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
     return None, run_dir.name
@@ -54,7 +55,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         plan = resume.plan(Path(run_dir), cfg)
         if plan.action == "finished":
             return plan.state["metrics"][objective(cfg)]
-        return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir)).run()
+        return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir, cfg.search.study)).run()
 
 
 def spawned_rank(cfg: DictConfig, run_dir: Path, hydra_state: bytes) -> float:

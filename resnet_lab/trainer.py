@@ -34,7 +34,8 @@ from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.preemption import StopSignals, Stopped
 from resnet_lab.resume import Plan
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+from resnet_lab.sweeps.trial import Pruned, TrialReport
+from resnet_lab.tracking import METRICS_FILE, EpochProgress, MetricsFile, Tracker
 
 log = logging.getLogger("resnet_lab")
 
@@ -139,6 +140,9 @@ class Trainer(Callback):
             self.resume()
         if self.main:
             checkpoint.keep_epochs(self.run_dir / METRICS_FILE, self.state.epoch - 1)
+        # As a search's trial, rank 0 reports each epoch to the study.
+        self.trial = TrialReport(self.cfg.get("search") if self.main else None, self.objective,
+                                 MetricsFile(self.run_dir).read() if self.main else [])
         self.announce()
         # The tracker opens only now, when the run is sure to train: a run that fails while setting
         # up (a resume into another model, say) leaves the folder's status and its W&B run as they
@@ -252,6 +256,11 @@ class Trainer(Callback):
         signum = distributed.largest(self.signals.signum or 0)
         if signum and state.epoch <= self.cfg.trainer.epochs:
             raise self.stop(signum)
+        prune = self.main and self.trial.should_prune(state.epoch - 1, metrics[self.objective])
+        if distributed.largest(int(prune)) and state.epoch <= self.cfg.trainer.epochs:
+            log.info(f"trial {self.cfg.search.trial}: pruned at epoch {state.epoch - 1} (the pruner's call); "
+                     f"{self.checkpoints.folder / checkpoint.LAST} and its metrics kept")
+            raise Pruned(self.cfg.search.trial, state.epoch - 1)
 
     def evaluate(self) -> Dict[str, float]:
         """The epoch's row: its training totals, the validation and test metrics, the features'

@@ -26,6 +26,13 @@ def test_non_editable_install_runs_from_elsewhere(tmp_path, fmnist_root):
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert runs.epochs(run_dir) == [1]
+    # The search's Hydra plugin ships in the hydra_plugins namespace (no __init__.py of its own there).
+    assert (target / "hydra_plugins" / "resnet_lab_search" / "__init__.py").exists()
+    assert not (target / "hydra_plugins" / "__init__.py").exists()
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", "hparams_search=optuna", "--cfg", "hydra"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "_target_: hydra_plugins.resnet_lab_search.ResnetLabOptunaSweeper" in proc.stdout
 
 
 def test_user_config_dir_adds_options(tmp_path, fmnist_root):

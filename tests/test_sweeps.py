@@ -1,5 +1,6 @@
 """Sweeps end to end, W&B offline: one W&B run per job under the basic launcher (all jobs in one
-process), a failing job that does not leak into the next, Optuna with a diverging trial, joblib."""
+process), a failing job that does not leak into the next, the Optuna search with a diverging
+trial (tests/test_search.py has the rest of it), joblib."""
 
 import pytest
 import yaml
@@ -87,7 +88,7 @@ def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root, capsys):
     assert code == 0
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     runs = {}
-    for d in (d for d in sweep.iterdir() if d.is_dir()):
+    for d in (d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")):
         lr = next(o for o in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) if o.startswith("optim.lr="))
         runs[float(lr.split("=")[1])] = d
     assert sorted(runs) == [0.01, 0.03, 1e30]
@@ -97,11 +98,13 @@ def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root, capsys):
     # Hydra's line names the failed trial: in a sweep it is shown, not held back as for one run.
     failed, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error executing job")]
     assert "'optim.lr=1e+30'" in failed
-    finite = {lr: metrics(runs[lr])[-1]["test_acc"] for lr in (0.01, 0.03)}
+    # A search holds out a validation split and chooses on it.
+    finite = {lr: metrics(runs[lr])[-1]["val_acc"] for lr in (0.01, 0.03)}
     assert result["best_value"] == max(finite.values())
     assert result["best_params"]["optim.lr"] in finite
     best_dir = runs[result["best_params"]["optim.lr"]]
-    assert f"best run: {best_dir}  final test acc {result['best_value']:.4f}" in out
+    assert result["best_run"] == str(best_dir)
+    assert f"best run: {best_dir}  final val acc {result['best_value']:.4f}" in out
 
 
 def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root):

@@ -1,0 +1,56 @@
+"""Which process works on which trial: an exclusive flock on <sweep dir>/.trials/<number>.lock,
+held by the search process that launched the trial until it has told the study how it ended.
+
+The kernel (or the NFS server) releases a flock when its process ends in any way, SIGKILL or a
+lost node included, so a running trial whose lock anyone can take has no live process: it is
+stale. The lock is taken right after the trial is drawn, so a trial drawn a moment ago may be
+seen unlocked; whoever takes the lock reads the trial's state again under it (`still_running`).
+The same folder's .study.lock serialises topping the study up to n_trials.
+"""
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+FOLDER = ".trials"
+
+
+class Claims:
+    def __init__(self, sweep_dir: Path):
+        self.folder = Path(sweep_dir) / FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.held: Dict[int, int] = {}
+
+    def _lock(self, name: str, block: bool) -> Optional[int]:
+        fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def hold(self, number: int, block: bool = True) -> bool:
+        """Take trial `number`'s lock (waiting for it, with block); whether it was taken."""
+        fd = self._lock(f"{number}.lock", block)
+        if fd is not None:
+            self.held[number] = fd
+        return fd is not None
+
+    def release(self, number: int) -> None:
+        os.close(self.held.pop(number))
+
+    def release_all(self) -> None:
+        for number in list(self.held):
+            self.release(number)
+
+    @contextlib.contextmanager
+    def study(self):
+        """The whole study's lock, while inside."""
+        fd = self._lock(".study.lock", block=True)
+        try:
+            yield
+        finally:
+            os.close(fd)
