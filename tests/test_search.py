@@ -3,19 +3,18 @@ two processes sharing one study (a journal file, and a real PostgreSQL server), 
 line for each bad input before any trial starts."""
 
 import glob
-import os
+import logging
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from resnet_lab.sweeps import results
 from tests.launch import multirun
 from tests.runs import TINY, fresh_env, freeze_at, metrics
 from tests.wandb_file import read_run
@@ -74,7 +73,7 @@ def test_a_pruner_stops_trials_at_an_epoch_end_keeping_metrics_and_checkpoint(tm
     assert "best trial: none has finished" in out
 
 
-def test_a_search_killed_mid_trial_resumes_it_from_its_checkpoint(tmp_path, fmnist_root):
+def test_a_search_killed_mid_trial_resumes_it_from_its_checkpoint(tmp_path, fmnist_root, caplog):
     args = ["hydra.sweeper.n_trials=2", "trainer.epochs=2", "trainer.checkpoint_every_steps=3"]
     proc = search_process(tmp_path, fmnist_root, "first", *args)
     try:
@@ -95,7 +94,14 @@ def test_a_search_killed_mid_trial_resumes_it_from_its_checkpoint(tmp_path, fmni
     assert "resuming from" in log and "at epoch 1 step 3" in log
     assert [r["epoch"] for r in metrics(sweep / "0")] == [1, 2]
     assert trials[2].value == metrics(sweep / "0")[-1]["val_acc"]
-    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_trial"] in (1, 2)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_trial"] in (1, 2) and best["best_value"] == max(t.value for t in trials[1:])
+    # On demand, as at the end: the best trial and the plots.
+    for name in ("optimization_history", "param_importances", "intermediate_values"):
+        (sweep / f"{name}.png").unlink()
+    with caplog.at_level(logging.INFO, logger="resnet_lab"):
+        results.main([str(sweep)])
+    assert f"best trial {best['best_trial']}: value {best['best_value']:.4f}, test acc " in caplog.text
     for name in ("optimization_history", "param_importances", "intermediate_values"):
         assert (sweep / f"{name}.png").stat().st_size > 1000
 

@@ -2,9 +2,10 @@
 held by the search process that launched the trial until it has told the study how it ended.
 
 The kernel (or the NFS server) releases a flock when its process ends in any way, SIGKILL or a
-lost node included, so a running trial whose lock anyone can take has no live process: it is
-stale. The lock is taken right after the trial is drawn, so a trial drawn a moment ago may be
-seen unlocked; whoever takes the lock reads the trial's state again under it (`still_running`).
+lost node included, so a running trial whose lock file exists and can be taken has no live
+process: it is stale. A trial without a lock file here is left alone: it was drawn a moment ago,
+or by a worker whose sweep folder is not this one (another machine's, not shared). The lock is
+taken right after the trial is drawn, so whoever takes it reads the trial's state again under it.
 The same folder's .study.lock serialises topping the study up to n_trials.
 """
 
@@ -31,6 +32,10 @@ class Claims:
             os.close(fd)
             return None
         return fd
+
+    def known(self, number: int) -> bool:
+        """Whether a worker of this sweep folder has claimed trial `number`."""
+        return (self.folder / f"{number}.lock").exists()
 
     def hold(self, number: int, block: bool = True) -> bool:
         """Take trial `number`'s lock (waiting for it, with block); whether it was taken."""

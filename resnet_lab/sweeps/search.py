@@ -224,12 +224,13 @@ class OptunaSearch:
             self.claims.release(trial.number)  # taken back as dead between its draw and its lock
 
     def _reclaim(self, study) -> None:
-        """Fail each running trial that no live process holds, and queue a retry of it (same
-        params, same run folder, so it resumes from its last checkpoint)."""
+        """Fail each running trial of this sweep folder that no live process holds, and queue a
+        retry of it (same params, same run folder, so it resumes from its last checkpoint)."""
         from optuna.trial import TrialState
 
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number in self.claims.held or not self.claims.hold(trial.number, block=False):
+            if (trial.number in self.claims.held or not self.claims.known(trial.number)
+                    or not self.claims.hold(trial.number, block=False)):
                 continue
             try:
                 if self._state(trial._trial_id) == TrialState.RUNNING:
