@@ -16,21 +16,20 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab import distributed, rundir
 from resnet_lab.__main__ import one_run_folder
 from resnet_lab.config import validate
 from resnet_lab.data import build_data
-from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
-from resnet_lab.train import train
-from resnet_lab.trainer import updates
+from resnet_lab.training.engine import RunningTotals, evaluate, train_epoch
+from resnet_lab.training.train import train
+from resnet_lab.training.trainer import updates
 from tests import runs
-from tests.runs import epochs, freeze_at, fresh_env, metrics, stop_at, start
+from tests.runs import epochs, freeze_at, fresh_env, metrics, start, stop_at
 from tests.test_reliability import tiny_cfg
 from tests.wandb_file import read_run
-
 
 TINY = [*runs.TINY, "trainer.checkpoint_every_steps=0",
         "optim=sgd", "optim.lr=0.05"]
@@ -198,7 +197,7 @@ def test_a_stopped_ddp_run_resumes_in_one_process(fmnist_root, tmp_path):
         proc.kill()
     out = (tmp_path / "run.log").read_text()
     assert out.count("SIGTERM: stopped at epoch 1 step") == 1 and "Traceback" not in out
-    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(rundir.last(run_dir), weights_only=True)
     # The checkpoint holds the bare model and the totals of both ranks.
     assert state["epoch"] == 1 and 2 <= state["step"] < 10 and state["totals"]["seen"] == 32 * state["step"]
     assert not any(k.startswith("module.") for k in state["model"])
@@ -343,7 +342,7 @@ def test_a_ddp_run_with_dropout_resumes_where_each_rank_stopped(fmnist_root, tmp
     resumed.mkdir()
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), reference)
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=1"), resumed)
-    state = torch.load(resumed / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(resumed / rundir.CHECKPOINTS / rundir.LAST, weights_only=True)
     assert len(state["rng_ranks"]) == 1 and not torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), resumed)
     ends = [torch.load(d / "model.pt", weights_only=True) for d in (reference, resumed)]
