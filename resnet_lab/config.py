@@ -12,7 +12,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture, check as check_architecture
+from resnet_lab.models import MODELS, Architecture, architecture
+from resnet_lab.models import check as check_architecture
 
 
 @dataclass

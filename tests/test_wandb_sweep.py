@@ -8,7 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-import resnet_lab.train  # noqa: F401  (registers the schema)
+import resnet_lab.training.train  # noqa: F401  (registers the schema)
 from resnet_lab.config import validate
 from tests.conftest import ROOT
 

@@ -1,1 +1,1 @@
-"""Many runs: the end-of-sweep summary and `python -m resnet_lab.compare`, and the Optuna search (a Hydra sweeper)."""
+"""Many runs: the end-of-sweep summary and `python -m resnet_lab.sweeps.compare`, and the Optuna search (a Hydra sweeper)."""

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import MetricsFile
+from resnet_lab.training.tracking import MetricsFile
 
 log = logging.getLogger("resnet_lab")
 

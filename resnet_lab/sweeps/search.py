@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.config import objective, validate
 from resnet_lab.errors import UserError, closest
-from resnet_lab.resume import override_key
+from resnet_lab.training.resume import override_key
 from resnet_lab.sweeps import results, space as search_space
 from resnet_lab.sweeps.claims import Claims
 from resnet_lab.sweeps.storage import default_url, open_storage
