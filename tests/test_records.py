@@ -10,7 +10,7 @@ from resnet_lab.config import validate
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
 from resnet_lab.training.train import train
-from tests.runs import metrics
+from tests.runs import TINY, metrics
 
 # A few seconds of training on random 8x8 images, without W&B.
 SMALL = ["dataset=synthetic", "dataset.channels=1", "dataset.image_size=8", "dataset.train_size=64",
@@ -74,3 +74,28 @@ def test_each_epoch_row_has_every_rate_and_the_momentum_in_use(tmp_path):
     sgd = train(composed(*SMALL, "trainer.epochs=1", "optim=sgd", "optim.momentum=0.7"), tmp_path / "sgd")
     assert sgd is not None and "lr_backbone" not in metrics(tmp_path / "sgd")[0]
     assert metrics(tmp_path / "sgd")[0]["momentum"] == 0.7
+
+
+def test_a_failed_run_says_why_in_train_log_and_in_its_wandb_summary(fmnist_root, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import run_cli
+    from tests.wandb_file import read_run
+
+    # The step schedule multiplies the learning rate by 1e33 halfway: the run diverges in epoch 2.
+    run_dir = tmp_path / "diverged"
+    code, err = run_cli([f"dataset.root={fmnist_root}", *TINY, "logger=wandb", "logger.mode=offline",
+                         "trainer.epochs=2", "trainer.limit_train_batches=4", "sched=step",
+                         "sched.milestones=[0.5]", "sched.gamma=1e33", f"hydra.run.dir={run_dir}"],
+                        tmp_path, monkeypatch, capsys)
+    error = err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("error: the training loss became NaN or inf at epoch 2")
+    assert (run_dir / "train.log").read_text().strip().splitlines()[-1].endswith(f"[ERROR] - {error}")
+    assert (run_dir / "status").read_text() == "failed\n"
+    assert read_run(run_dir).summary["error"] == error.removeprefix("error: ")
+    # A UserError raised inside the job before training (a warmup longer than the run) ends train.log too.
+    run_dir = tmp_path / "refused"
+    code, err = run_cli([f"dataset.root={fmnist_root}", *TINY, "logger=none", "trainer.epochs=1",
+                         "sched=cosine", "sched.warmup_epochs=3", f"hydra.run.dir={run_dir}"],
+                        tmp_path, monkeypatch, capsys)
+    error = err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("error: sched.warmup_epochs=3")
+    assert (run_dir / "train.log").read_text().strip().splitlines()[-1].endswith(f"[ERROR] - {error}")
