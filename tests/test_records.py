@@ -2,6 +2,8 @@
 and momentum as they were, a failed run's reason, the resolved runtime, the config a trained run
 is loaded with, and batch norm's buffers under DDP."""
 
+import json
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -99,3 +101,77 @@ def test_a_failed_run_says_why_in_train_log_and_in_its_wandb_summary(fmnist_root
     error = err.strip().splitlines()[-1]
     assert code == 2 and error.startswith("error: sched.warmup_epochs=3")
     assert (run_dir / "train.log").read_text().strip().splitlines()[-1].endswith(f"[ERROR] - {error}")
+
+
+def test_a_run_of_ones_own_model_config_is_loaded_with_the_config_it_trained_with(tmp_path, monkeypatch, capsys):
+    from resnet_lab.errors import describe
+    from resnet_lab.trained import evaluate
+    from resnet_lab.trained import load as trained
+    from resnet_lab.__main__ import main
+    from tests.test_after_training import command
+
+    # A model of one's own, named as one likes (not a variant's name), from --config-dir.
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    own = tmp_path / "my_conf" / "model" / "tiny.yaml"
+    own.write_text("name: tiny\nwidth: 4\nlayers: [1, 1]\nstem: cifar\n")
+    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["resnet_lab", "--config-dir", str(tmp_path / "my_conf"), "model=tiny", *SMALL,
+                                     "trainer.epochs=1", f"hydra.run.dir={run_dir}"])
+    main()
+    # Edited after training: the run keeps what it trained with.
+    own.write_text("name: tiny\nwidth: 16\n")
+    cfg = trained.run_config(run_dir, ["trainer.eval_batch_size=8"])
+    assert (cfg.model.name, cfg.model.width, list(cfg.model.layers)) == ("tiny", 4, [1, 1])
+    assert cfg.trainer.eval_batch_size == 8 and cfg.dataset.train_size == 64
+    # A group option replaces the run's whole group, as in training; a typo is one line.
+    assert trained.run_config(run_dir, ["dataset=cifar10"]).dataset.root == "data"
+    with pytest.raises(Exception) as typo:
+        trained.run_config(run_dir, ["dataset.image_sise=16"])
+    assert describe(typo.value).startswith("dataset.image_sise: no such key (did you mean image_size?)")
+    code, out, err = command(evaluate, [run_dir], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((run_dir / "eval" / "synthetic-last.json").read_text())
+    assert report["accuracy"] == pytest.approx(metrics(run_dir)[-1]["test_acc"])
+
+
+def test_a_dataset_of_ones_own_is_a_registered_loader_and_a_yaml(tmp_path, monkeypatch):
+    from resnet_lab.__main__ import main
+    from resnet_lab.data import DATASETS
+    from resnet_lab.data.loader import TensorSplit
+    from resnet_lab.trained import load as trained
+
+    def stripes(cfg):
+        """Class 1's images have a bright row, class 0's not."""
+        labels = torch.arange(48) % 2
+        images = torch.zeros(48, 1, 8, 8, dtype=torch.uint8)
+        images[labels == 1, :, 3] = 255
+        return TensorSplit(images[:32], labels[:32]), TensorSplit(images[32:], labels[32:]), ["plain", "striped"]
+
+    monkeypatch.setitem(DATASETS._entries, "stripes", stripes)
+    (tmp_path / "my_conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "my_conf" / "dataset" / "stripes.yaml").write_text("name: stripes\nval_fraction: 0.25\n")
+    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["resnet_lab", "--config-dir", str(tmp_path / "my_conf"), "dataset=stripes",
+                                     *SMALL[5:], "trainer.epochs=1", f"hydra.run.dir={run_dir}"])
+    main()
+    assert {"val_acc", "test_acc"} <= set(metrics(run_dir)[0])
+    loaded = trained.load(run_dir, "last", [])
+    assert loaded.data.classes == ["plain", "striped"] and loaded.data.val.num_samples == 8
+    assert "root" not in loaded.cfg.dataset  # the keys every dataset has, as it trained with
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
+def test_each_command_after_training_runs_as_python_dash_m(command, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    args = {"predict": [str(tmp_path / "x.png")], "export": ["--format", "onnx"]}.get(command, [])
+    monkeypatch.setattr("sys.argv", [command, str(tmp_path), *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(f"resnet_lab.{command}", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"error: {tmp_path}: not a run folder"), err
