@@ -112,8 +112,9 @@ class EfficientChannelAttention(nn.Module):
 
 class BlurPool(nn.Module):
     """Zhang 2019: each channel low-pass filtered by the 3x3 binomial kernel ([1, 2, 1] / 4 times
-    its transpose) on reflected borders, then subsampled by 2. The kernel is a constant, not
-    part of the state dict."""
+    its transpose) on reflected borders, as timm pads, then subsampled by 2. A 1-pixel map has
+    nothing to reflect (timm fails there): its border repeats the pixel. The kernel is a
+    constant, not part of the state dict."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -122,7 +123,8 @@ class BlurPool(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=len(self.filt))
+        mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), self.filt, stride=2, groups=len(self.filt))
 
 
 def make_attention(kind: str, channels: int, reduction: int) -> nn.Module:
