@@ -13,13 +13,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnet_lab import evaluate, export, predict, trained
 from resnet_lab.config import OptimConfig
 from resnet_lab.errors import UserError
 from resnet_lab.models import MODELS, weights
 from resnet_lab.optim import build_optimizer
+from resnet_lab.trained import evaluate, export, predict
+from resnet_lab.trained import load as trained
 from tests.runs import fresh_env, metrics
-
 
 CLASSES = [f"k{i}" for i in range(6)]  # more than 5: top-5 accuracy too
 TEST_PER_CLASS = (3, 4, 2, 5, 3, 4)
@@ -182,8 +182,9 @@ def test_colour_weights_on_grey_images_give_the_same_logits_as_grey_copied_to_rg
 
 
 def test_model_init_from_a_run_folder_starts_a_new_run_from_its_weights(run_dir, tmp_path):
-    from resnet_lab import device as device_setup, distributed
-    from resnet_lab.trainer import build
+    from resnet_lab import device as device_setup
+    from resnet_lab import distributed
+    from resnet_lab.training.trainer import build
 
     cfg = trained.run_config(run_dir, [f"model.init={run_dir}"])
     _, model, *_ = build(cfg, device_setup.resolve(cfg.device), distributed.Ranks())
@@ -272,7 +273,7 @@ def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(r
 
 
 def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
-    from resnet_lab import resume
+    from resnet_lab.training import resume
     from tests.test_trainer import composed, save_checkpoint
 
     save_checkpoint(tmp_path, composed(), epoch=2, step=0)

@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from resnet_lab.compare import find_runs, main, plot
+from resnet_lab.sweeps.compare import find_runs, main, plot
 from tests.launch import LRS, TINY, multirun
 from tests.runs import metrics
 

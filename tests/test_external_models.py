@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from resnet_lab import evaluate, export
+from resnet_lab.trained import evaluate, export
 from resnet_lab.__main__ import main
 from resnet_lab.config import EXTERNAL_MODELS
 from resnet_lab.errors import UserError

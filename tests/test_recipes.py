@@ -14,23 +14,23 @@ import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import resnet_lab.train  # noqa: F401  (registers the schema)
+import resnet_lab.training.train  # noqa: F401  (registers the schema)
 from resnet_lab import device as device_setup
-from resnet_lab.compare import SweepSummary, find_runs, records
 from resnet_lab.config import validate
 from resnet_lab.data import build_data, stratified_split
 from resnet_lab.data.augment import AutoAugment, Mixing, Recipe, random_erase
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.features import EMA, GradClip
 from resnet_lab.models import build_model
 from resnet_lab.models.resnet import DropPath
 from resnet_lab.optim import build_optimizer, build_scheduler, param_groups
-from resnet_lab.train import train
+from resnet_lab.sweeps.compare import SweepSummary, find_runs, records
+from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
+from resnet_lab.training.features import EMA, GradClip
+from resnet_lab.training.train import train
+from tests import runs
 from tests.conftest import write_cifar_like
 from tests.launch import multirun
-from tests import runs
 from tests.runs import for_kind, metrics
 
 CPU = torch.device("cpu")

@@ -120,7 +120,7 @@ def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root
 def test_experiment_presets_compose(preset):
     from hydra import compose, initialize_config_module
 
-    import resnet_lab.train  # noqa: F401  (registers the schema)
+    import resnet_lab.training.train  # noqa: F401  (registers the schema)
     from resnet_lab.config import validate
 
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):

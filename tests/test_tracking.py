@@ -10,12 +10,12 @@ import sys
 import pytest
 from hydra import compose, initialize_config_module
 
-from resnet_lab import tracking
 from resnet_lab.config import validate
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
-from resnet_lab.tracking import Tracker
-from resnet_lab.train import train
+from resnet_lab.training import tracking
+from resnet_lab.training.tracking import Tracker
+from resnet_lab.training.train import train
 from tests.runs import metrics
 from tests.wandb_file import read_run, records
 
@@ -137,7 +137,7 @@ NO_KEY_RUN = """
 import sys
 from omegaconf import OmegaConf
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import Tracker, choose_mode
+from resnet_lab.training.tracking import Tracker, choose_mode
 print(choose_mode("auto"))
 if len(sys.argv) > 1:
     logger = dict(name="wandb", mode="online", project="p", entity=None, tags=[], log_every_steps=1,

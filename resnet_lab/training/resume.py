@@ -12,9 +12,10 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint
+from resnet_lab import rundir
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import read_status
+from resnet_lab.rundir import read_status
+from resnet_lab.training import checkpoint
 
 log = logging.getLogger("resnet_lab")
 
@@ -79,13 +80,13 @@ def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]
 
 def to_resume(resume: str, run_dir: Path) -> Optional[Path]:
     """The checkpoint that trainer.resume names for this run folder, or None to start afresh."""
-    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    last = rundir.last(run_dir)
     if resume == "auto":
         return last if last.exists() else None
     if resume == "none":
         if last.exists():
-            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({checkpoint.FOLDER}/"
-                            f"{checkpoint.LAST}) that a fresh start would overwrite; set hydra.run.dir to "
+            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({rundir.CHECKPOINTS}/"
+                            f"{rundir.LAST}) that a fresh start would overwrite; set hydra.run.dir to "
                             f"another folder, or continue it with trainer.resume=auto")
         return None
     return Path(resume).expanduser()
@@ -97,7 +98,7 @@ def plan(run_dir: Path, cfg: DictConfig) -> Plan:
     if path is None:
         return Plan("fresh")
     state = checkpoint.load(path)
-    own = path.resolve() == (run_dir / checkpoint.FOLDER / checkpoint.LAST).resolve()
+    own = path.resolve() == (rundir.last(run_dir)).resolve()
     if _finished(state, path, own, run_dir, cfg):
         return Plan("finished", path, state, own)
     _check_carries_over(state["config"], cfg, path)

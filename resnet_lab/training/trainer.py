@@ -22,19 +22,20 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab import distributed, rundir
 from resnet_lab.config import objective
-from resnet_lab.confusion import Confusion
 from resnet_lab.data import build_data
-from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.features import build_features
 from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
-from resnet_lab.preemption import StopSignals, Stopped
-from resnet_lab.resume import Plan
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+from resnet_lab.preemption import Stopped, StopSignals
+from resnet_lab.training import checkpoint
+from resnet_lab.training.confusion import Confusion
+from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
+from resnet_lab.training.features import build_features
+from resnet_lab.training.resume import Plan
+from resnet_lab.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger("resnet_lab")
 
@@ -138,7 +139,7 @@ class Trainer(Callback):
         if self.plan.action == "continue":
             self.resume()
         if self.main:
-            checkpoint.keep_epochs(self.run_dir / METRICS_FILE, self.state.epoch - 1)
+            checkpoint.keep_epochs(self.run_dir / rundir.METRICS, self.state.epoch - 1)
         self.announce()
         # The tracker opens only now, when the run is sure to train: a run that fails while setting
         # up (a resume into another model, say) leaves the folder's status and its W&B run as they
@@ -295,11 +296,11 @@ class Trainer(Callback):
                 features = {feature.name: feature.state_dict() for feature in self.features}
                 self.checkpoints.save(**{**progress, "totals": whole and whole.state_dict()}, rngs=rngs,
                                       features=features, best=best)
-        self.last_good = f"{self.checkpoints.folder / checkpoint.LAST} (epoch {state.epoch} step {state.step})"
+        self.last_good = f"{self.checkpoints.folder / rundir.LAST} (epoch {state.epoch} step {state.step})"
 
     def stop(self, signum: int) -> Stopped:
         log.warning(f"{signal.Signals(signum).name}: stopped at epoch {self.state.epoch} step "
-                    f"{self.state.step}/{self.steps}; {self.checkpoints.folder / checkpoint.LAST} written: "
+                    f"{self.state.step}/{self.steps}; {self.checkpoints.folder / rundir.LAST} written: "
                     f"run the same command to resume")
         return Stopped(signum)
 
@@ -312,7 +313,7 @@ class Trainer(Callback):
                 self.tracker.final_report(matrix, self.data.classes)
         if self.cfg.trainer.save_weights and self.main:
             # The final weights are those of the last checkpoint (every epoch's end writes one).
-            self.checkpoints.publish(self.run_dir / "model.pt",
-                                     after=f", then run again to write it from {checkpoint.LAST}")
-            self.tracker.weights(self.run_dir / "model.pt")
+            self.checkpoints.publish(self.run_dir / rundir.MODEL,
+                                     after=f", then run again to write it from {rundir.LAST}")
+            self.tracker.weights(self.run_dir / rundir.MODEL)
         self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})

@@ -1,9 +1,10 @@
-"""Wiring: the Hydra task, which plans the run (resnet_lab.resume) and hands it to the trainer
-(resnet_lab.trainer) in this process or in device.world_size spawned ranks."""
+"""Wiring: the Hydra task, which plans the run (resnet_lab.training.resume) and hands it to the trainer
+(resnet_lab.training.trainer) in this process or in device.world_size spawned ranks."""
 
 import contextlib
 import logging
 import pickle
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -15,11 +16,12 @@ from hydra.core.utils import configure_log
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint, distributed, resume, runlock
+from resnet_lab import distributed, rundir
 from resnet_lab.config import objective, register_configs, validate
 from resnet_lab.errors import HeldBack, UserError
-from resnet_lab.resume import meaningful
-from resnet_lab.trainer import Trainer
+from resnet_lab.training import resume
+from resnet_lab.training.resume import meaningful
+from resnet_lab.training.trainer import Trainer
 
 log = logging.getLogger("resnet_lab")
 
@@ -77,13 +79,15 @@ def hydra_record(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    HeldBack.single_run = HydraConfig.get().mode == RunMode.RUN
+    if isinstance(sys.stderr, HeldBack):  # python -m resnet_lab's, which tells a single run's error from a sweep's
+        single = HydraConfig.get().mode == RunMode.RUN
+        sys.stderr.job(single, None if single else Path(HydraConfig.get().sweep.dir))
     ranks = distributed.from_env()
     # One run in the folder at a time (a submitit job's tasks make their process group here to
     # learn whether rank 0 holds it). Rank 0's alone: under torchrun the other ranks write no
     # Hydra record (resnet_lab/__main__.py).
-    with distributed.process_group(ranks), runlock.held(run_dir, ranks.is_main, hydra_record(cfg)), \
-            checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
+    with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
+            rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
         return launch(cfg, run_dir, ranks)
 
 

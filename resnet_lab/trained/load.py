@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint
 from resnet_lab import device as device_setup
+from resnet_lab import rundir
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import Data, build_data
 from resnet_lab.errors import UserError, describe
@@ -49,9 +49,9 @@ def split_args(args: Sequence[str], options: Dict[str, str]) -> Tuple[Dict[str, 
 
 def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The run's config, composed again from its overrides, then the given ones."""
-    record = run_dir / checkpoint.HYDRA_RECORD / "overrides.yaml"
+    record = run_dir / rundir.HYDRA_RECORD / "overrides.yaml"
     if not record.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no {checkpoint.HYDRA_RECORD}/overrides.yaml); give the "
+        raise UserError(f"{run_dir}: not a run folder (no {rundir.HYDRA_RECORD}/overrides.yaml); give the "
                         f"folder a training run wrote, e.g. outputs/runs/<date>/<time>")
     saved = [o for o in OmegaConf.load(record) if not o.startswith(("hydra.", "trainer.resume="))]
     register_configs()
@@ -63,13 +63,13 @@ def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 def weights_file(run_dir: Path, choice: str) -> Path:
     """checkpoint=last (the last checkpoint's weights), best (best.pt) or a path."""
-    folder = run_dir / checkpoint.FOLDER
+    folder = run_dir / rundir.CHECKPOINTS
     if choice not in CHECKPOINTS:
         return weights.find(Path(choice))
-    path = folder / (checkpoint.LAST if choice == "last" else checkpoint.BEST)
+    path = folder / (rundir.LAST if choice == "last" else rundir.BEST)
     if not path.is_file():
         other = "best" if choice == "last" else "last"
-        raise UserError(f"{run_dir}: no {checkpoint.FOLDER}/{path.name} (the run has written no weights yet); "
+        raise UserError(f"{run_dir}: no {rundir.CHECKPOINTS}/{path.name} (the run has written no weights yet); "
                         f"train it to the end of an epoch, or give checkpoint={other} or checkpoint=<path>")
     return path
 
