@@ -555,3 +555,25 @@ def test_ctrl_c_mid_epoch_writes_last_pt_and_exits_130(fmnist_root, tmp_path):
     assert state["epoch"] == 1 and state["step"] >= 1 and (run_dir / "status").read_text() == "stopped\n"
     log = (tmp_path / "run.log").read_text()
     assert "SIGINT: stopped at epoch 1 step" in log and "Traceback" not in log
+
+
+def test_changed_optimizer_settings_on_resume_are_what_runs_and_the_schedule_follows(fmnist_root, tmp_path,
+                                                                                   caplog):
+    args = [f"dataset.root={fmnist_root}", *TINY, "sched=cosine", "logger=none"]
+    new = ["optim.lr=1e-2", "optim.weight_decay=0.01", "optim.betas=[0.8,0.99]"]
+    reference_dir = tmp_path / "reference"
+    train(tiny_cfg(*args, *new, "trainer.checkpoint_every_steps=0"), reference_dir)
+    run_dir = tmp_path / "run"
+    assert killed_at(args, run_dir, (1, EVERY)) == (1, EVERY)
+    with caplog.at_level("INFO", logger="resnet_lab"):
+        train(tiny_cfg(*args, *new), run_dir)
+    # Every epoch's learning rate is the new run's schedule at that point, not the old one's.
+    logged = [row["lr"] for row in runs.metrics(run_dir)]
+    assert logged == pytest.approx([row["lr"] for row in runs.metrics(reference_dir)], rel=1e-6)
+    assert logged[0] > 2e-3  # the old schedule at 1e-3 never goes above 1e-3
+    group = torch.load(rundir.last(run_dir), weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], group["betas"]) == (1e-2, 0.01, (0.8, 0.99))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("optimizer settings applied")]
+    assert said == [f"optimizer settings applied from epoch 1 step {EVERY} on, the schedule rescaled to them: "
+                    f"optim.betas=[0.8, 0.99] (checkpoint: [0.9, 0.999]); optim.lr=0.01 (checkpoint: 0.001); "
+                    f"optim.weight_decay=0.01 (checkpoint: 0.0)"]

@@ -15,6 +15,7 @@ the optimizer state once.
 """
 
 import json
+import logging
 import os
 import random
 import secrets
@@ -28,6 +29,8 @@ from omegaconf import OmegaConf
 from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
 from resnet_lab.rundir import BEST, CHECKPOINTS, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
+
+log = logging.getLogger("resnet_lab")
 
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
         "metrics", "rng", "config", "wandb_run_id")  # and "elapsed" and "features", which older ones lack
@@ -186,6 +189,23 @@ class Checkpointer:
         weights = cpu_weights(self.model)
         write_file(target, lambda f: torch.save(weights, f), after=after)
 
+    def _apply_settings(self, fresh: List[Dict]) -> None:
+        """This run's optimizer settings over the restored ones (resume.APPLIED lists them): each
+        group's decay, betas and momentum as this config builds them (`fresh`), and its learning
+        rate, with the schedule's, rescaled by the new base rate over the saved one, so the
+        schedule goes on from where it was at the new scale (a factor of 1 when unchanged)."""
+        scales = []
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            scale = new.get("initial_lr", new["lr"]) / group.get("initial_lr", group["lr"])
+            scales.append(scale)
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= scale
+            group.update({k: new[k] for k in ("weight_decay", "betas", "momentum", "nesterov") if k in new})
+        for scheduler in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
+            scheduler.base_lrs = [lr * scale for lr, scale in zip(scheduler.base_lrs, scales)]
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
         """Load a checkpoint's states into the parts (resume.plan has checked that its settings
         carry over; here, that its weights fit the model)."""
@@ -195,10 +215,12 @@ class Checkpointer:
         # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
         # under a grad scaler differs from an unfused one, and a state's step counters follow it.
         saved = state["optimizer"]
+        fresh = [dict(group, params=None) for group in self.optimizer.param_groups]  # as this config builds them
         groups = [{**group, **{k: now[k] for k in ("fused",) if k in now}}
                   for group, now in zip(saved["param_groups"], self.optimizer.param_groups)]
         self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_settings(fresh)
         if state["scaler"]:  # empty when the saving run did not scale (not fp16)
             self.scaler.load_state_dict(state["scaler"])
         # Each rank's own random state (dropout's masks); a rank the saving run did not have keeps

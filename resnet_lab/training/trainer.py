@@ -34,7 +34,7 @@ from resnet_lab.training import checkpoint
 from resnet_lab.training.confusion import Confusion
 from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.training.features import build_features
-from resnet_lab.training.resume import Plan
+from resnet_lab.training.resume import Plan, applied
 from resnet_lab.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger("resnet_lab")
@@ -194,6 +194,9 @@ class Trainer(Callback):
         log.info(f"resuming from {path} at epoch {self.state.epoch} step {self.state.step}")
         if self.plan.changes:
             log.warning(f"settings differ from the checkpoint's: {'; '.join(self.plan.changes)}")
+        if applied(self.plan.changes):
+            log.info(f"optimizer settings applied from epoch {self.state.epoch} step {self.state.step} on, the "
+                     f"schedule rescaled to them: {'; '.join(applied(self.plan.changes))}")
 
     def announce(self) -> None:
         cfg, runtime, world = self.cfg, self.runtime, self.ranks.world_size
