@@ -214,6 +214,30 @@ def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
     assert code == 2 and f"{tmp_path}: not a run folder" in err
 
 
+def test_without_a_validation_split_there_is_no_best_checkpoint_and_evaluate_says_why(run_dir, monkeypatch, capsys):
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    code, _, err = command(evaluate, [run_dir, "checkpoint=best"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {run_dir}: no checkpoints/best.pt (the run chooses no best epoch without a "
+                          f"validation split (dataset.val_fraction)); give checkpoint=last or checkpoint=<path>")
+
+
+def test_checkpoint_ema_evaluates_the_average_the_run_measured(tmp_path, monkeypatch, capsys):
+    images = write_images(tmp_path / "images")
+    folder = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", *RUN, f"dataset.root={images}", "trainer.epochs=1",
+                           "ema.decay=0.5", f"hydra.run.dir={folder}"], capture_output=True, text=True, cwd=tmp_path,
+                          env=fresh_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = metrics(folder)[-1]
+    assert last["test_acc_ema"] != last["test_acc"] or last["test_loss_ema"] != last["test_loss"]
+    code, out, _ = command(evaluate, [folder, "checkpoint=ema"], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads((folder / "eval" / "image_folder-ema.json").read_text())
+    assert report["accuracy"] == last["test_acc_ema"]
+    assert report["loss"] == pytest.approx(last["test_loss_ema"], rel=1e-5)
+
+
 def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys):
     other = tmp_path / "resnet20.pt"
     torch.save(MODELS.get("resnet20")(num_classes=6).state_dict(), other)

@@ -29,6 +29,7 @@ from resnet_lab.training.trainer import updates
 from tests import runs
 from tests.runs import epochs, freeze_at, fresh_env, metrics, start, stop_at
 from tests.test_reliability import tiny_cfg
+from tests.test_train import tiny_cfg as train_cfg
 from tests.wandb_file import read_run
 
 TINY = [*runs.TINY, "trainer.checkpoint_every_steps=0",
@@ -145,16 +146,18 @@ def cli(args, cwd: Path, launcher=(sys.executable, "-m", "resnet_lab"), **popen)
 @pytest.fixture(scope="module")
 def one_rank(fmnist_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_rank")
-    train(tiny_cfg(f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1"), run_dir)
+    train(train_cfg(fmnist_root, *TINY, "trainer.epochs=1"), run_dir)
     return metrics(run_dir)[0]
 
 
 def assert_close_to_one_rank(row, one_rank) -> None:
-    # ResNets normalise by batch statistics, over each rank's 16 images rather than all 32:
-    # the numbers agree loosely, not exactly (measured: 1.82 against 2.08 here).
+    # ResNets normalise by batch statistics, over each rank's 16 images rather than all 32, so the
+    # loss agrees loosely (measured: 1.819 against 1.820 here); accuracies over 320 images after one
+    # epoch differ by chance (test: 0.04 against 0.14) and say nothing. The exact agreement is
+    # test_two_ranks_learn_what_one_rank_learns'. Each image counted once over both ranks:
     assert row["train_loss"] == pytest.approx(one_rank["train_loss"], rel=0.2)
-    assert row["train_acc"] == pytest.approx(one_rank["train_acc"], abs=0.1)
-    assert row["test_acc"] == pytest.approx(one_rank["test_acc"], abs=0.15)
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(320)
+    assert one_rank["images_per_s"] * one_rank["seconds"] == pytest.approx(320)
 
 
 def test_device_world_size_spawns_ranks_inside_one_run(fmnist_root, tmp_path, one_rank):

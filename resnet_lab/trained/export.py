@@ -1,5 +1,5 @@
 """`python -m resnet_lab.export RUN_DIR --format torchscript|onnx|pt2 [--out PATH]
-[checkpoint=last|best|PATH] [overrides]`: a trained run's model for serving, checked against
+[checkpoint=last|best|ema|PATH] [overrides]`: a trained run's model for serving, checked against
 eager PyTorch.
 
 The exported model takes what the run's data set gives before normalisation, uint8 images
@@ -99,7 +99,7 @@ def main(args: Sequence[str]) -> Path:
     parser.add_argument("run_dir", help="the folder of a training run")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--out", help="the file to write (default: RUN_DIR/export/model<suffix of the format>)")
-    parser.add_argument("settings", nargs="*", help="checkpoint=last|best|PATH, and config overrides")
+    parser.add_argument("settings", nargs="*", help="checkpoint=last|best|ema|PATH, and config overrides")
     ns = parser.parse_args(args)
     options, overrides = trained.split_args(ns.settings, OPTIONS)
     run = trained.load(Path(ns.run_dir), options["checkpoint"], [*overrides, *CPU_FP32])

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
-from resnet_lab.rundir import BEST, CHECKPOINTS, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
+from resnet_lab.rundir import BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
 
 log = logging.getLogger("resnet_lab")
 
@@ -66,10 +66,11 @@ def load(path: Path) -> Dict:
         # does not apply here.
         detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
         detail = detail[:160]
+        beside = [path.parent / name for name in (BEST, EMA) if (path.parent / name).is_file()]
+        weights = f", or from the weights beside it with model.init={beside[0]}" if beside else ""
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
                         f"resume from another one with trainer.resume=<path>, start afresh with "
-                        f"trainer.resume=none, or from the best weights with model.init=<the {BEST} "
-                        f"beside it>") from e
+                        f"trainer.resume=none{weights}") from e
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
@@ -137,9 +138,11 @@ def cpu_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 class Checkpointer:
     """Saves one run's training state into <run_dir>/checkpoints and restores it from a file."""
 
-    def __init__(self, run_dir: Path, cfg, model, optimizer, scheduler, scaler, device: torch.device):
+    def __init__(self, run_dir: Path, cfg, model, optimizer, scheduler, scaler, device: torch.device,
+                 best_of_ema: bool = False):
+        """best_of_ema: best.pt holds the EMA's weights (the objective is the EMA's)."""
         self.folder = run_dir / CHECKPOINTS
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.best_of_ema = cfg, device, best_of_ema
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.record_kept = False
         self.weights: Optional[Path] = None  # the weights file of the last checkpoint written or restored
@@ -175,8 +178,17 @@ class Checkpointer:
         for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
             if old != new:
                 old.unlink(missing_ok=True)
+        after = f"; {LAST} was written: run again to resume"
+        if "ema" in state["features"]:
+            # The average's weights as a state dict of their own, for evaluate, export and model.init.
+            ema = {k: v.detach().cpu() for k, v in state["features"]["ema"]["weights"].items()}
+            write_file(self.folder / EMA, lambda f: torch.save(ema, f), after=after)
         if best:
-            self.publish(self.folder / BEST, after=f"; {LAST} was written: run again to resume")
+            if self.best_of_ema:
+                if not _link(self.folder / EMA, self.folder / BEST):
+                    write_file(self.folder / BEST, lambda f: torch.save(ema, f), after=after)
+            else:
+                self.publish(self.folder / BEST, after=after)
         if not self.record_kept:  # Hydra's record stays the same while the job runs
             keep_hydra_record(self.folder.parent)
             self.record_kept = True

@@ -67,16 +67,16 @@ def meaningful(overrides: Sequence[str], also: Sequence[str] = ()) -> List[str]:
     return keep
 
 
-def _flat(node, prefix: str = "") -> Dict:
+def flat(node, prefix: str = "") -> Dict:
     if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
+        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
 def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]:
     """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's; with
     shared_only, among the keys both have (a checkpoint from before a key existed lacks it)."""
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved_cfg)
+    now, then = flat(OmegaConf.to_container(cfg, resolve=True)), flat(saved_cfg)
     keys = now.keys() & then.keys() if shared_only else now.keys() | then.keys()
     return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(keys)
             if k != "trainer.resume" and now.get(k) != then.get(k)]

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
+from resnet_lab.config import chooses_best, chosen_epoch, objective
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped
 from resnet_lab.progress import ProgressBar
@@ -19,6 +20,14 @@ from resnet_lab.training import confusion
 log = logging.getLogger("resnet_lab")
 
 ACCURACIES = ("val_acc", "test_acc", "val_acc_ema", "test_acc_ema")  # in an epoch's row, when measured
+SPLITS = ("train", "val", "test", "lr")
+
+
+def wandb_key(key: str) -> str:
+    """An epoch row's key as W&B's panels group it: train_loss as train/loss, test_acc_ema as
+    test/acc_ema, lr_head as lr/head; the others (epoch, seconds, grad_norm) as they are."""
+    split, _, rest = key.partition("_")
+    return f"{split}/{rest}" if split in SPLITS and rest else key
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -88,6 +97,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
+        self.objective, self.chooses = objective(cfg), chooses_best(cfg)
         self.log_every = cfg.logger.log_every_steps
         self.log_weights = cfg.logger.log_weights
         self.main = rank == 0
@@ -133,7 +143,7 @@ class Tracker:
         norm, say), off the device only every log_every updates."""
         self.global_step = global_step
         if self.wandb is not None and global_step % self.log_every == 0:
-            values = {key: value.item() for key, value in {"train_loss_step": loss, **(logged or {})}.items()}
+            values = {key: value.item() for key, value in {"train/loss_step": loss, **(logged or {})}.items()}
             self.wandb.log({"global_step": global_step, **values})
 
     def epoch(self, metrics: Dict[str, float], global_step: Optional[int] = None) -> None:
@@ -146,7 +156,7 @@ class Tracker:
         log.info(format_epoch(metrics, self.epochs))
         self.metrics.write(metrics)
         if self.wandb is not None:
-            self.wandb.log({"global_step": self.global_step, **metrics})
+            self.wandb.log({"global_step": self.global_step, **{wandb_key(k): v for k, v in metrics.items()}})
 
     def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
         """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
@@ -167,16 +177,26 @@ class Tracker:
             artifact.add_file(str(path))
             self.wandb.log_artifact(artifact)
 
+    def judged(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+        """The accuracies the run is judged by: the last epoch's (final/...), and with a chosen best
+        epoch, that epoch's (best/...: the test accuracy at the best validation epoch, never the
+        best test accuracy over epochs)."""
+        if not rows:
+            return {}
+        accuracies = [key for key in ACCURACIES if key in rows[-1]]
+        judged = {f"final/{key}": rows[-1][key] for key in accuracies}
+        if self.chooses:
+            best = chosen_epoch(rows, self.objective, best=True)
+            judged.update({"best/epoch": best["epoch"], **{f"best/{key}": best[key] for key in accuracies}})
+        return judged
+
     def finish(self, summary: Dict[str, float], exit_code: int = 0, status: Optional[str] = None) -> None:
         """Close the W&B run (failed when exit_code != 0) and write the run's final status."""
         if self.finished or not self.main:
             self.finished = True
             return
         self.finished = True
-        rows = self.metrics.read()
-        accuracies = [key for key in ACCURACIES if rows and key in rows[-1]]
-        summary = {**{f"best_{key}": max(r.get(key, -1.0) for r in rows) for key in accuracies},
-                   **{f"final_{key}": rows[-1][key] for key in accuracies}, **summary}
+        summary = {**self.judged(self.metrics.read()), **summary}
         try:
             if self.wandb is not None:
                 self.wandb.summary.update(summary)

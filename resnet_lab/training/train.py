@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
-from resnet_lab.config import objective, register_configs, validate
+from resnet_lab.config import register_configs, returned, validate
 from resnet_lab.errors import HeldBack, UserError
 from resnet_lab.training import resume
 from resnet_lab.training.resume import meaningful
@@ -29,21 +29,23 @@ register_configs()
 
 
 def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
-    """(W&B group, W&B name): the sweep folder and the job's overrides, when Hydra runs this job."""
+    """(W&B group, W&B name): the sweep's (rundir.sweep_group) and the job's overrides, when Hydra
+    runs this job."""
     run_dir = Path(run_dir).resolve()
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         # Only Hydra's current job may take its identity: train() can be called with any folder.
         if Path(hydra.runtime.output_dir).resolve() == run_dir:
-            group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+            group = rundir.sweep_group(Path(hydra.sweep.dir)) if hydra.mode == RunMode.MULTIRUN else None
             # Sorted, as in Hydra's override_dirname.
             return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
     return None, run_dir.name
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as cfg says, writing into run_dir; returns the final value of its objective
-    (config.objective: the validation accuracy when a split is held out, else the test accuracy).
+    """Train as cfg says, writing into run_dir; returns its objective at the epoch it is judged by
+    (config.returned: the best validation accuracy when a split is held out, else the last test
+    accuracy).
 
     As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
     every batch under DDP, and only rank 0 writes and reports.
@@ -55,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             log.setLevel(logging.ERROR)  # rank 0 speaks for all
         plan = resume.plan(Path(run_dir), cfg)
         if plan.action == "finished":
-            return plan.state["metrics"][objective(cfg)]
+            return returned(cfg, plan.state["best_acc"], plan.state["metrics"])
         return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir)).run()
 
 

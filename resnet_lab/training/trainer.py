@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_lab import device as device_setup
 from resnet_lab import distributed, rundir
-from resnet_lab.config import objective
+from resnet_lab.config import chooses_best, objective, returned
 from resnet_lab.data import build_data
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, weights
@@ -50,7 +50,7 @@ class State:
     # The epoch's running totals so far: live on the device while training; in a checkpoint,
     # summed over the ranks (None at an epoch's start).
     totals: Optional[RunningTotals] = None
-    best_acc: float = -1.0  # of the objective (config.objective)
+    best_acc: float = -1.0  # of the objective, at the best epoch (when config.chooses_best)
     metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's row
     elapsed: float = 0.0  # the run's wall seconds, over all its resumed parts, at its last save
     wandb_run_id: Optional[str] = None
@@ -131,10 +131,10 @@ class Trainer(Callback):
         self.began = time.perf_counter()  # minus the seconds of the parts before a resume
         self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
         self.confusion: Optional[Confusion] = None  # of the last evaluation, for the run's final report
-        self.objective = objective(cfg)
+        self.objective, self.chooses = objective(cfg), chooses_best(cfg)
 
     def run(self) -> float:
-        """Set up, resume, train the remaining epochs; the final value of the objective."""
+        """Set up, resume, train the remaining epochs; the objective at the epoch the run is judged by."""
         self.setup()
         if self.plan.action == "continue":
             self.resume()
@@ -154,7 +154,7 @@ class Trainer(Callback):
                 self.train_epoch()
                 self.end_epoch()
             self.finish()
-        return self.state.metrics[self.objective]
+        return returned(self.cfg, self.state.best_acc, self.state.metrics)
 
     def setup(self) -> None:
         """The device, the seeds, the parts, and how often the loss is looked at."""
@@ -165,7 +165,8 @@ class Trainer(Callback):
         (self.data, self.model, self.forward, self.optimizer, self.scheduler,
          self.scaler) = build(self.cfg, self.runtime, self.ranks, fresh=self.plan.action == "fresh")
         self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
-                                                   self.scheduler, self.scaler, self.runtime.device)
+                                                   self.scheduler, self.scaler, self.runtime.device,
+                                                   best_of_ema=self.objective.endswith("_ema"))
         self.steps = len(self.data.train)
         self.updates = updates(self.steps, self.cfg.trainer.accumulate)
         # The order of engine.Callback: the features, then the trainer (which checkpoints them).
@@ -207,6 +208,10 @@ class Trainer(Callback):
                  f"{runtime.device.type} {runtime.precision}"
                  f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}"
                  f"{f', {world} ranks' if world > 1 else ''}; writing to {self.run_dir}")
+        if self.chooses and not self.objective.startswith("val"):
+            log.warning(f"trainer.objective={self.objective}: the best epoch (best.pt, the value returned, "
+                        f"every 'best') is chosen on the test split, so its test accuracy is an optimistic "
+                        f"estimate; hold out a validation split (dataset.val_fraction) to choose on it")
 
     def train_epoch(self) -> None:
         """Train state.epoch from state.step to its end."""
@@ -243,14 +248,15 @@ class Trainer(Callback):
             raise self.stop(decision.stop)
 
     def end_epoch(self) -> None:
-        """Evaluate the epoch, report it, and save the start of the next (best.pt too if it is the
-        best so far); a signal during the evaluation stops the run there."""
+        """Evaluate the epoch, report it, and save the start of the next (best.pt too if the run
+        chooses a best epoch and this is it); a signal during the evaluation stops the run there."""
         state = self.state
         self.check_finite()
         metrics = self.evaluate()
         self.tracker.epoch(metrics, global_step=state.epoch * self.updates)
-        improved = metrics[self.objective] > state.best_acc
-        state.best_acc = max(state.best_acc, metrics[self.objective])
+        improved = self.chooses and metrics[self.objective] > state.best_acc
+        if improved:
+            state.best_acc = metrics[self.objective]
         state.metrics, state.epoch, state.step, state.totals = metrics, state.epoch + 1, 0, None
         self.save(best=improved)
         signum = distributed.largest(self.signals.signum or 0)
