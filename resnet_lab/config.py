@@ -271,6 +271,8 @@ BOUNDS = {
     "optim.backbone_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
+    "sched.gamma": (0, False),  # above 1 is allowed (a warm restart by hand); 0 or below is not a rate
+    "seed": (0, True),
     "device.world_size": (1, True),
     "trainer.epochs": (1, True),
     "trainer.batch_size": (1, True),
@@ -303,7 +305,9 @@ UNIT_RANGE = {
     "dataset.erase_prob": True,
     "dataset.mix_prob": True,
     "dataset.switch_prob": True,
+    "sched.pct_start": False,
 }
+SEEDS = 2 ** 32  # numpy's seeds are below this
 
 
 def _floats(node: Any, prefix: str = ""):
@@ -404,6 +408,17 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
             f"trainer.epochs={cfg.trainer.epochs}"
         )
+    if cfg.seed >= SEEDS:
+        raise UserError(f"seed={cfg.seed}: must be < {SEEDS} (2**32, the seeds numpy takes)")
+    if not 0 < cfg.sched.warmup_start_factor <= 1:
+        raise UserError(f"sched.warmup_start_factor={cfg.sched.warmup_start_factor}: must be in (0, 1] "
+                        f"(the warmup's first rate, as a fraction of optim.lr)")
+    if cfg.sched.pct_start == 0:
+        raise UserError(f"sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1) (the decay rates of Adam's "
+                        f"gradient and squared-gradient averages, e.g. [0.9,0.999])")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):
