@@ -142,6 +142,11 @@ class SchedConfig:
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
+    # onecycle: also cycle the optimizer's momentum (SGD) or beta1 (Adam, AdamW) against the lr,
+    # from momentum_range's high end at the start and end to its low end at the peak
+    # (OneCycleLR's cycle_momentum); false: they stay optim.momentum and optim.betas[0].
+    cycle_momentum: bool = False
+    momentum_range: List[float] = field(default_factory=lambda: [0.85, 0.95])
 
 
 @dataclass
@@ -347,6 +352,15 @@ def _check_table(cfg: Any) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
 
 
+def _check_cycle_momentum(sched: Any) -> None:
+    low_high = list(sched.momentum_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise UserError(f"sched.momentum_range={low_high}: must be [low, high] with 0 <= low <= high < 1")
+    if sched.cycle_momentum and sched.name != "onecycle":
+        raise UserError(f"sched.cycle_momentum=true: only sched=onecycle cycles the momentum (this run has "
+                        f"sched={sched.name}); set sched.cycle_momentum=false")
+
+
 def _check_objective(cfg: Any) -> None:
     """trainer.objective names a metric the run reports."""
     objective = cfg.trainer.objective
@@ -423,6 +437,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):
         raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
+    _check_cycle_momentum(cfg.sched)
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)

@@ -207,7 +207,7 @@ def test_backbone_lr_scale_trains_the_backbone_slower_than_the_head():
 def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     (empty / ".hydra").mkdir(parents=True)
-    (empty / ".hydra" / "overrides.yaml").write_text((run_dir / ".hydra" / "overrides.yaml").read_text())
+    (empty / ".hydra" / "config.yaml").write_text((run_dir / ".hydra" / "config.yaml").read_text())
     code, _, err = command(evaluate, [empty], monkeypatch, capsys)
     assert code == 2 and err.startswith(f"error: {empty}: no checkpoints/last.pt") and "checkpoint=" in err
     assert sorted(p.name for p in empty.iterdir()) == [".hydra"]
