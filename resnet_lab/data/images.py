@@ -3,26 +3,21 @@ decoded to a uint8 tensor; a file that cannot be read stops the run with one lin
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from torchcodec.decoders import decode_image
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.errors import UserError
 
 IMAGE_SUFFIXES = set(datasets.folder.IMG_EXTENSIONS)  # the files ImageFolder reads
-# torchvision.io decodes these in one call on the raw bytes (measured here, against PIL: as fast
-# for a 28x28 PNG, 1.2x for a 500x375 PNG, 1.9x for that JPEG); PIL decodes the rest, and says
-# what is wrong with a bad file.
-FAST_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
-# torchvision 0.29 announces that TorchCodec will take over its image decoders, a warning with
-# every image decoded; until then they are the fastest here.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# TorchCodec decodes these in one call on the raw bytes, faster than PIL (docs/image_folder.md);
+# PIL decodes the rest, and says what is wrong with a bad file.
+CODEC_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL's modes of one-channel images
 
 Sample = Tuple[str, int]  # (path, class index)
@@ -71,36 +66,44 @@ def reading(path: str, what: str = "dataset image_folder"):
 
 
 def headers(paths: List[str]) -> Tuple[Dict[Tuple[int, int], str], int]:
-    """Each image size found (with a file of that size), and the channels to decode to: 1 when
-    every image is grey, else 3. Opening every file's header (about 20 us a file here, where
-    decoding a 500x375 JPEG takes 0.6 ms) finds empty, non-image and unreadable files before
+    """Each image size found, upright (with a file of that size), and the channels to decode to:
+    1 when every image is grey, else 3. Opening every file's header (about 20 us a file here,
+    where decoding a 500x375 JPEG takes 0.6 ms) finds empty, non-image and unreadable files before
     training does; truncated ones are found when decoded."""
-    from PIL import Image
+    from PIL import ExifTags, Image
 
     sizes, grey = {}, True
     for path in paths:
         with reading(path), Image.open(path) as im:
-            sizes.setdefault(im.size, path)
+            # Orientations 5-8 turn the image a quarter; only files with EXIF data pay for reading it.
+            turned = "exif" in im.info and im.getexif().get(ExifTags.Base.Orientation, 1) > 4
+            sizes.setdefault(im.size[::-1] if turned else im.size, path)
             grey = grey and im.mode in GREY_MODES
     return sizes, 1 if grey else 3
 
 
 def decode(path: str, channels: int, resize: Optional[int] = None, what: str = "dataset image_folder",
            size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """The image as uint8 channels x H x W (resize x resize when resize is set, else `size` where
-    it differs); `what`: who reads it, for the line naming a file that cannot be read."""
-    from PIL import Image
+    """The image as uint8 channels x H x W, upright as its EXIF orientation says (resize x resize
+    when resize is set, else `size` where it differs), the first frame of an animation; `what`:
+    who reads it, for the line naming a file that cannot be read."""
+    from PIL import Image, ImageOps
 
     image = None
-    if Path(path).suffix.lower() in FAST_SUFFIXES:
+    if Path(path).suffix.lower() in CODEC_SUFFIXES:
+        with reading(path, what):
+            # A tensor of the bytes: given bytes or a path, decode_image wraps them in a warnings
+            # context, about 7 us a call here, a sixth of decoding a 28x28 PNG.
+            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
-            image = TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
-        except RuntimeError:
-            pass  # PIL reads it again: it decodes some files torchvision.io does not, or names the fault
+            # "auto": 16-bit PNGs come as uint16, and keep their top 8 bits (not rounded /257).
+            image = decode_image(data, mode="GRAY" if channels == 1 else "RGB", output_dtype="auto")
+            image = TF.to_dtype(image[0] if image.ndim == 4 else image, torch.uint8, scale=True)
+        except (RuntimeError, ValueError):
+            pass  # PIL reads it again: it decodes some files TorchCodec does not, or names the fault
     if image is None:
         with reading(path, what), Image.open(path) as im:
-            image = TF.pil_to_tensor(im.convert("L" if channels == 1 else "RGB"))
+            image = TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB"))
     size = [resize, resize] if resize else size and list(size)
     if size and list(image.shape[-2:]) != size:
         image = TF.resize(image, size, antialias=True)
