@@ -277,7 +277,7 @@ def pil_decoded(path: Path, channels: int) -> torch.Tensor:
     with Image.open(path) as im:
         if im.mode == "I;16":
             return torch.from_numpy((np.asarray(im) >> 8).astype(np.uint8)).expand(channels, -1, -1)
-        if channels == 1 and im.format == "JPEG":
+        if channels == 1:
             im.draft("L", im.size)
         return TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB"))
 
@@ -301,6 +301,12 @@ def test_each_kind_of_image_decodes_as_pil_decodes_it(kind, channels, tmp_path):
     assert (image.int() - expected.int()).abs().max() <= (1 if colour_to_grey else 0)
     if kind.startswith("turned"):
         assert image.shape[1:] == (10, 8)
+
+
+def test_a_file_that_is_not_what_its_ending_says_decodes_as_pil_decodes_it(tmp_path):
+    misnamed = write_kind("colour jpeg", tmp_path / "image").rename(tmp_path / "image.png")
+    for channels in (1, 3):
+        assert torch.equal(decode(str(misnamed), channels), pil_decoded(misnamed, channels))
 
 
 def test_an_index_that_cannot_be_written_is_a_warning_when_streaming(images, tiny_tmpfs, caplog):

@@ -8,16 +8,18 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchcodec.decoders import decode_image
+from torchcodec.decoders import decode_gif, decode_jpeg, decode_png, decode_webp
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.errors import UserError
 
 IMAGE_SUFFIXES = set(datasets.folder.IMG_EXTENSIONS)  # the files ImageFolder reads
-# TorchCodec decodes these in one call on the raw bytes, faster than PIL (docs/image_folder.md);
-# PIL decodes the rest, and says what is wrong with a bad file.
-CODEC_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+# TorchCodec decodes these in one call on the raw bytes, faster than PIL (docs/image_folder.md),
+# each format's decoder chosen by the file's ending (its sniffing of the bytes costs a fifth of a
+# small PNG's decode); PIL decodes the rest, and files that are not what their ending says, and
+# says what is wrong with a bad file.
+CODECS = {".png": decode_png, ".jpg": decode_jpeg, ".jpeg": decode_jpeg, ".webp": decode_webp, ".gif": decode_gif}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL's modes of one-channel images
 
 Sample = Tuple[str, int]  # (path, class index)
@@ -87,23 +89,28 @@ def decode(path: str, channels: int, resize: Optional[int] = None, what: str = "
     """The image as uint8 channels x H x W, upright as its EXIF orientation says (resize x resize
     when resize is set, else `size` where it differs), the first frame of an animation; `what`:
     who reads it, for the line naming a file that cannot be read."""
-    from PIL import Image, ImageOps
-
+    codec = CODECS.get(os.path.splitext(path)[1].lower())
     image = None
-    if Path(path).suffix.lower() in CODEC_SUFFIXES:
-        with reading(path, what):
-            # A tensor of the bytes: given bytes or a path, decode_image wraps them in a warnings
-            # context, about 7 us a call here, a sixth of decoding a 28x28 PNG.
-            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    if codec is not None:
         try:
-            # "auto": 16-bit PNGs come as uint16, and keep their top 8 bits (not rounded /257).
-            image = decode_image(data, mode="GRAY" if channels == 1 else "RGB", output_dtype="auto")
-            image = TF.to_dtype(image[0] if image.ndim == 4 else image, torch.uint8, scale=True)
-        except (RuntimeError, ValueError):
+            # The bytes as a tensor: given bytes or a path, TorchCodec wraps them in a warnings
+            # context, 7 us a call here, a sixth of decoding a 28x28 PNG. "auto": 16-bit PNGs
+            # come as uint16, to keep their top 8 bits (rather than TorchCodec's rounding of x/257).
+            image = codec(torch.from_numpy(np.fromfile(path, dtype=np.uint8)),
+                          mode="GRAY" if channels == 1 else "RGB", output_dtype="auto")
+        except (OSError, RuntimeError, ValueError):
             pass  # PIL reads it again: it decodes some files TorchCodec does not, or names the fault
     if image is None:
+        from PIL import Image, ImageOps
+
         with reading(path, what), Image.open(path) as im:
+            if channels == 1:
+                im.draft("L", im.size)  # a JPEG turns grey in libjpeg, as TorchCodec turns it; others ignore it
             image = TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB"))
+    elif image.ndim == 4:
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = TF.to_dtype(image, torch.uint8, scale=True)
     size = [resize, resize] if resize else size and list(size)
     if size and list(image.shape[-2:]) != size:
         image = TF.resize(image, size, antialias=True)
