@@ -34,8 +34,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fashion_mnist_pngs import write_pngs  # noqa: E402
-from throughput import (Child, check_root, conditions_line, device_name, interleave, lab_pipeline,  # noqa: E402
-                        serve, watch_conditions)
+from throughput import (  # noqa: E402
+    Child,
+    check_root,
+    conditions_line,
+    device_name,
+    interleave,
+    lab_pipeline,
+    serve,
+    watch_conditions,
+)
 
 PIPELINES = ("idx", "cached", "streaming")
 DECODERS = ("torchvision.io", "torchcodec", "PIL")

@@ -1,14 +1,14 @@
-"""Training throughput side by side: the starting-point script, the bare step, and resnet_lab.
+"""Training throughput side by side: the d2l.ai ResNet-18 script, the bare step, and resnet_lab.
 
     python benchmarks/throughput.py --root DIR [--device cpu|cuda] [--steps N] [--json FILE]
 
 Pipelines, all on Fashion-MNIST from DIR at one batch size, fed full batches of 28x28 images:
-  baseline         the starting-point script, written out below: torchvision dataset with
+  baseline         the d2l.ai ResNet-18 script, written out below: torchvision dataset with
                    ToTensor, DataLoader(shuffle, 4 workers), the d2l ResNet-18 (resnet18_d2l),
                    Adam, .item() every step
   bare             forward, backward and Adam step of resnet_lab's resnet18 on one fixed batch
                    in plain torch: the limit of the hardware for those settings
-  resnet_lab       resnet_lab.engine.train_epoch with the package's own loader, model,
+  resnet_lab       resnet_lab.training.engine.train_epoch with the package's own loader, model,
                    optimizer and scheduler, built from the config (eager fp32, as bare)
   bare_best,       the same two at the device's best settings (`settings` below)
   resnet_lab_best
@@ -58,7 +58,7 @@ def settings(name: str, device: str, width: int) -> dict:
 # The pipelines: each returns run(steps) -> images trained, and runs in a child process.
 
 def starting_point(root: str, batch_size: int, width: int, device):
-    """The starting-point script's parts: its DataLoader of ToTensor images (4 workers, shuffled),
+    """The d2l.ai ResNet-18 script's parts: its DataLoader of ToTensor images (4 workers, shuffled),
     its network, optimizer and loss."""
     import warnings
 
@@ -162,8 +162,8 @@ def lab_pipeline(device, overrides):
     from resnet_lab import device as device_setup
     from resnet_lab.config import register_configs, validate
     from resnet_lab.distributed import Ranks
-    from resnet_lab.engine import RunningTotals, train_epoch
-    from resnet_lab.trainer import build
+    from resnet_lab.training.engine import RunningTotals, train_epoch
+    from resnet_lab.training.trainer import build
 
     register_configs()
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):

@@ -1,4 +1,4 @@
-"""Time to accuracy, side by side: the starting-point script against a resnet_lab preset, each
+"""Time to accuracy, side by side: the d2l.ai ResNet-18 script against a resnet_lab preset, each
 timed from its launch, on the same machine in one invocation.
 
     python benchmarks/time_to_accuracy.py --root DIR [--preset fashion_mnist_fast] [--reps 2]
@@ -6,7 +6,7 @@ timed from its launch, on the same machine in one invocation.
 
 Each repetition runs both, one after the other, alternating which goes first (baseline, preset;
 then preset, baseline; ...), as child processes on Fashion-MNIST from DIR:
-  baseline  the starting-point script (benchmarks/throughput.py's baseline pipeline): a DataLoader
+  baseline  the d2l.ai ResNet-18 script (benchmarks/throughput.py's baseline pipeline): a DataLoader
             of ToTensor images with 4 workers, the d2l ResNet-18, Adam 1e-3, batch 256, 2 epochs,
             and its test accuracy after each epoch
   preset    `python -m resnet_lab experiment=PRESET`, watched through its metrics.jsonl; further
@@ -31,7 +31,7 @@ from pathlib import Path
 from resnet_lab.errors import ended
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput  # noqa: E402  (the starting-point script's parts, the machine's name)
+import throughput  # noqa: E402  (the d2l.ai ResNet-18 script's parts, the machine's name)
 
 POLL_S = 0.1
 TARGETS = (0.87, 0.90, 0.92, 0.93)
@@ -48,7 +48,7 @@ def rows(path: Path) -> list:
 
 
 def baseline_child(args) -> None:
-    """The starting-point script's 2 epochs, printing each epoch's test accuracy as a JSON line."""
+    """The d2l.ai ResNet-18 script's 2 epochs, printing each epoch's test accuracy as a JSON line."""
     import torch
     from torchvision import datasets, transforms
 
@@ -79,7 +79,7 @@ def run_baseline(args) -> list:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     epochs = [{**json.loads(line), "wall_s": time.perf_counter() - launched} for line in proc.stdout]
     if proc.wait():
-        raise SystemExit(f"error: the starting-point script {ended(proc.returncode)} (its messages are above)")
+        raise SystemExit(f"error: the d2l.ai ResNet-18 script {ended(proc.returncode)} (its messages are above)")
     return epochs
 
 
@@ -179,8 +179,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=2, help="repetitions, alternating which runs first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-seconds", type=float, help="stop a preset run after this many seconds from launch")
-    p.add_argument("--batch-size", type=int, default=256, help="the starting-point script's batch size")
-    p.add_argument("--width", type=int, default=64, help="the starting-point script's network width")
+    p.add_argument("--batch-size", type=int, default=256, help="the d2l.ai ResNet-18 script's batch size")
+    p.add_argument("--width", type=int, default=64, help="the d2l.ai ResNet-18 script's network width")
     p.add_argument("--batches", type=int, default=0, help="the script's training batches per epoch (0: all)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--run-dir", help="a folder for the preset's runs, one per repetition (default: a new "

@@ -12,7 +12,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture, check as check_architecture
+from resnet_lab.models import MODELS, Architecture, architecture
+from resnet_lab.models import check as check_architecture
 
 
 @dataclass
@@ -21,7 +22,7 @@ class ModelConfig(Architecture):
     # register_configs; a model.* override changes one knob of it.
     name: str = MISSING
     # Start from these weights rather than at random: a state dict file (torchvision's names), a
-    # run's model.pt or best.pt, or a run folder (resnet_lab.models.weights).
+    # run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a run folder (resnet_lab.models.weights).
     init: Optional[str] = None
 
 
@@ -155,8 +156,11 @@ class TrainerConfig:
     # One update from the gradients of this many batches of batch_size: the update of a
     # batch this many times larger.
     accumulate: int = 1
-    # The value the run returns (what a sweeper optimises) and best.pt keeps the best of; auto:
-    # val_acc when dataset.val_fraction holds out a split, else test_acc.
+    # The metric a run is judged by. With a validation split (auto: val_acc) the run chooses its
+    # best epoch on it: best.pt, the value it returns to a sweeper, and every "best" in its
+    # records are that epoch's. Without one (auto: test_acc) it chooses no epoch: it returns the
+    # last epoch's test accuracy and writes no best.pt. Naming a test metric here chooses the
+    # best epoch on the test split, with a warning: that accuracy is then an optimistic estimate.
     objective: str = "auto"
     # Evaluate each image and its mirror image, and average their logits (test-time augmentation).
     tta: bool = False
@@ -322,12 +326,29 @@ def _check_objective(cfg: Any) -> None:
 
 
 def objective(cfg: Any) -> str:
-    """The metric the run returns and keeps best.pt by (also of a config saved before the keys
-    existed: test_acc)."""
+    """The metric the run is judged by (also of a config saved before the keys existed: test_acc)."""
     chosen = OmegaConf.select(cfg, "trainer.objective", default="auto")
     if chosen == "auto":
         return "val_acc" if OmegaConf.select(cfg, "dataset.val_fraction", default=0.0) else "test_acc"
     return chosen
+
+
+def chooses_best(cfg: Any) -> bool:
+    """Whether the run chooses a best epoch by its objective (trainer.objective says when)."""
+    return objective(cfg).startswith("val") or OmegaConf.select(cfg, "trainer.objective", default="auto") != "auto"
+
+
+def returned(cfg: Any, best_acc: float, metrics: dict) -> float:
+    """What a run returns to its sweeper: its objective at the epoch it is judged by."""
+    return best_acc if chooses_best(cfg) else metrics[objective(cfg)]
+
+
+def chosen_epoch(rows: List[dict], key: str, best: bool) -> Optional[dict]:
+    """The metrics row a run is judged by: the first epoch with the highest `key` when it chooses
+    a best epoch, else the last; None before its first epoch."""
+    if not rows:
+        return None
+    return max(rows, key=lambda row: row.get(key, -math.inf)) if best else rows[-1]
 
 
 CACHE_MODES = ("auto", "true", "false")

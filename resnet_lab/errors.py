@@ -2,6 +2,8 @@
 
 import difflib
 import signal
+from pathlib import Path
+from typing import Optional
 
 
 class UserError(Exception):
@@ -11,18 +13,23 @@ class UserError(Exception):
 class HeldBack:
     """stderr, holding back the line Hydra writes above a single run's error before it re-raises
     it, for __main__ to show above a traceback or drop: the run's own command needs no repeating.
-    In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it)."""
+    In a sweep the line names the failed job and passes (Optuna's sweeper goes on after it), and
+    the sweep's folder is kept for __main__ to summarise a sweep that ended in an error."""
 
     # Relies on: Hydra writes this line, alone, before re-raising a job's error (tests/test_hydra_contract.py).
     PREFIX = "Error executing job with overrides:"
-    # Set by the Hydra task (resnet_lab.train.run): Hydra's mode is known only inside the job.
-    single_run = False
 
     def __init__(self, stream):
         self.stream, self.line = stream, None
+        self.single_run, self.sweep = False, None  # until job() says otherwise
+
+    def job(self, single_run: bool, sweep: Optional[Path]) -> None:
+        """Called by the Hydra task (resnet_lab.training.train.run), to which this object is
+        sys.stderr: Hydra's mode and its sweep's folder are known only inside a job."""
+        self.single_run, self.sweep = single_run, sweep
 
     def write(self, text: str) -> int:
-        if text.startswith(self.PREFIX) and HeldBack.single_run:
+        if text.startswith(self.PREFIX) and self.single_run:
             self.line = text
             return len(text)
         return self.stream.write(text)

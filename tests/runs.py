@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_lab import checkpoint
-
+from resnet_lab import rundir
 
 # The one tiny run every test starts from (each adds what it is about): 320 training images of
 # 28x28 at batch 32, a ResNet-18 of width 8, fp32 on the CPU whatever the CPU's default (bf16,
@@ -59,7 +58,7 @@ def start(args, run_dir: Path, **popen) -> subprocess.Popen:
 def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False):
     """Watch last.pt; stop the process at each new version to read its (epoch, step), and leave
     it stopped (SIGSTOP) at the first one at or past `target`."""
-    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    last = rundir.last(run_dir)
     send = (lambda s: os.killpg(proc.pid, s)) if group else (lambda s: os.kill(proc.pid, s))
     seen = None
     deadline = time.monotonic() + 300

@@ -13,13 +13,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnet_lab import evaluate, export, predict, trained
 from resnet_lab.config import OptimConfig
 from resnet_lab.errors import UserError
 from resnet_lab.models import MODELS, weights
 from resnet_lab.optim import build_optimizer
+from resnet_lab.trained import evaluate, export, predict
+from resnet_lab.trained import load as trained
 from tests.runs import fresh_env, metrics
-
 
 CLASSES = [f"k{i}" for i in range(6)]  # more than 5: top-5 accuracy too
 TEST_PER_CLASS = (3, 4, 2, 5, 3, 4)
@@ -178,8 +178,9 @@ def test_colour_weights_on_grey_images_give_the_same_logits_as_grey_copied_to_rg
 
 
 def test_model_init_from_a_run_folder_starts_a_new_run_from_its_weights(run_dir, tmp_path):
-    from resnet_lab import device as device_setup, distributed
-    from resnet_lab.trainer import build
+    from resnet_lab import device as device_setup
+    from resnet_lab import distributed
+    from resnet_lab.training.trainer import build
 
     cfg = trained.run_config(run_dir, [f"model.init={run_dir}"])
     _, model, *_ = build(cfg, device_setup.resolve(cfg.device), distributed.Ranks())
@@ -207,6 +208,30 @@ def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in empty.iterdir()) == [".hydra"]
     code, _, err = command(evaluate, [tmp_path], monkeypatch, capsys)
     assert code == 2 and f"{tmp_path}: not a run folder" in err
+
+
+def test_without_a_validation_split_there_is_no_best_checkpoint_and_evaluate_says_why(run_dir, monkeypatch, capsys):
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    code, _, err = command(evaluate, [run_dir, "checkpoint=best"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {run_dir}: no checkpoints/best.pt (the run chooses no best epoch without a "
+                          f"validation split (dataset.val_fraction)); give checkpoint=last or checkpoint=<path>")
+
+
+def test_checkpoint_ema_evaluates_the_average_the_run_measured(tmp_path, monkeypatch, capsys):
+    images = write_images(tmp_path / "images")
+    folder = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnet_lab", *RUN, f"dataset.root={images}", "trainer.epochs=1",
+                           "ema.decay=0.5", f"hydra.run.dir={folder}"], capture_output=True, text=True, cwd=tmp_path,
+                          env=fresh_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = metrics(folder)[-1]
+    assert last["test_acc_ema"] != last["test_acc"] or last["test_loss_ema"] != last["test_loss"]
+    code, out, _ = command(evaluate, [folder, "checkpoint=ema"], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads((folder / "eval" / "image_folder-ema.json").read_text())
+    assert report["accuracy"] == last["test_acc_ema"]
+    assert report["loss"] == pytest.approx(last["test_loss_ema"], rel=1e-5)
 
 
 def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys):
@@ -268,7 +293,7 @@ def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(r
 
 
 def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
-    from resnet_lab import resume
+    from resnet_lab.training import resume
     from tests.test_trainer import composed, save_checkpoint
 
     save_checkpoint(tmp_path, composed(), epoch=2, step=0)

@@ -16,14 +16,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnet_lab import checkpoint
+from resnet_lab import rundir
 from resnet_lab.__main__ import main
 from resnet_lab.data import build_data
 from resnet_lab.data.images import decode, headers
 from resnet_lab.errors import UserError
-from resnet_lab.train import train
-from tests.conftest import write_cifar_like
+from resnet_lab.training.train import train
 from tests import runs
+from tests.conftest import write_cifar_like
 from tests.runs import contents, for_kind, fresh_env
 from tests.test_cli import run_cli
 from tests.test_train import tiny_cfg
@@ -189,7 +189,7 @@ def test_unreadable_image_is_named_before_training(kind, tmp_path, monkeypatch, 
     code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN, f"hydra.run.dir={run_dir}"],
                         tmp_path, monkeypatch, capsys)
     assert_names(one_line_error(code, err), bad, words)
-    assert not (run_dir / checkpoint.FOLDER).exists() and not (run_dir / "status").exists()
+    assert not (run_dir / rundir.CHECKPOINTS).exists() and not (run_dir / "status").exists()
 
 
 def test_truncated_training_image_is_named_before_training(tmp_path, monkeypatch, capsys):
@@ -274,7 +274,7 @@ def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_p
     bad = images / "test" / "c0" / "1.png"
     truncate_image_data(bad)
     kept = {name: (run_dir / name).read_bytes() for name in
-            ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl")}
+            ("checkpoints/last.pt", "metrics.jsonl")}
     args = [f"dataset.root={images}", "dataset=image_folder", *RUN, "logger=none", "trainer.batch_size=8",
             "trainer.epochs=2", f"dataset.num_workers={workers}", "dataset.cache=false", f"hydra.run.dir={run_dir}"]
     if workers:
@@ -298,10 +298,10 @@ def test_resume_from_a_missing_checkpoint(fmnist_root, tmp_path, monkeypatch, ca
 
 
 def test_resume_from_a_truncated_checkpoint(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):
-    last_pt = run_copy / checkpoint.FOLDER / checkpoint.LAST
+    last_pt = run_copy / rundir.CHECKPOINTS / rundir.LAST
     os.truncate(last_pt, last_pt.stat().st_size // 2)
     last = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys)
-    for word in (str(last_pt), "corrupt or truncated", "best.pt", "trainer.resume=none"):
+    for word in (str(last_pt), "corrupt or truncated", "trainer.resume=none"):
         assert word in last
 
 
@@ -419,7 +419,7 @@ def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root
     assert succeeds("trainer.epochs=1", "trainer.progress=true") == trained
     # A record that cannot be put back costs that alone: the run's own error still comes out.
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_atomic_write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        patch.setattr(rundir, "atomic_write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
         line = one_line_error(*run_cli([*args, "trainer.epochs=2", "model=resnet34"], tmp_path, monkeypatch, capsys))
     assert "does not fit" in line and "it was saved by model=resnet18" in line
     # A command that trains (one epoch more) is the run's record from then on.
@@ -429,7 +429,7 @@ def test_a_command_that_trains_nothing_leaves_the_run_s_hydra_record(fmnist_root
 
 
 def test_a_finished_run_rerun_with_settings_that_train_nothing_differently(run_copy, fmnist_root):
-    last = run_copy / checkpoint.FOLDER / checkpoint.LAST
+    last = run_copy / rundir.CHECKPOINTS / rundir.LAST
     state = torch.load(last, weights_only=True)
     del state["config"]["trainer"]["limit_eval_batches"]  # as a checkpoint from before that key
     torch.save(state, last)
@@ -443,7 +443,7 @@ def test_a_finished_run_rerun_with_settings_that_train_nothing_differently(run_c
 def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path, monkeypatch, capsys):
     # A run extended to 2 epochs and stopped in the middle of the second, run again with 1: the
     # weights are past epoch 1, so neither "finished" nor a model.pt from them would be true.
-    last = run_copy / checkpoint.FOLDER / checkpoint.LAST
+    last = run_copy / rundir.CHECKPOINTS / rundir.LAST
     state = torch.load(last, weights_only=True)
     state.update(epoch=2, step=1)
     state["config"]["trainer"]["epochs"] = 2

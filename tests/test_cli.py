@@ -108,3 +108,25 @@ def test_batch_larger_than_dataset(fmnist_root, tmp_path, monkeypatch, capsys):
                         tmp_path, monkeypatch, capsys)
     assert code == 2
     assert "trainer.batch_size=100000" in err and "320 training images" in err
+
+
+def test_two_commands_in_one_process_behave_as_two_processes(tmp_path, monkeypatch, capsys):
+    # What a command learns of its jobs (single run or sweep, the sweep's folder) is held by that
+    # command alone: a single run after a failed sweep in the same process is not summarised as
+    # that sweep, and its error is one line.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    missing = [f"dataset.root={tmp_path / 'empty'}", "dataset.download=false"]
+    ended = []
+    for args in (["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *missing, "optim.lr=0.01,0.02"],
+                 [f"hydra.run.dir={tmp_path / 'run'}", *missing]):
+        monkeypatch.setattr(sys, "argv", ["resnet_lab", *args])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        ended.append((exited.value.code, capsys.readouterr()))
+    (sweep_code, sweep), (run_code, single) = ended
+    assert sweep_code == run_code == 2
+    assert sweep.err.startswith("Error executing job with overrides:") and "best run: none" in sweep.out
+    assert "sweep" not in single.out and "best run" not in single.out
+    last, = single.err.strip().splitlines()
+    assert last.startswith("error: dataset fashion_mnist: files not found")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import resnet_lab.train  # noqa: F401  (registers the schema)
+import resnet_lab.training.train  # noqa: F401  (registers the schema)
 from resnet_lab.config import validate
 from resnet_lab.data import build_data
 from resnet_lab.models import MODELS, build_model

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
-from resnet_lab.engine import RunningTotals, train_epoch
-from resnet_lab.features import build_features
+from resnet_lab import distributed, rundir
 from resnet_lab.optim import build_optimizer
-from resnet_lab.train import train
-from resnet_lab.trainer import build
-from tests.runs import metrics, stop_at, start
+from resnet_lab.training.engine import RunningTotals, train_epoch
+from resnet_lab.training.features import build_features
+from resnet_lab.training.train import train
+from resnet_lab.training.trainer import build
+from tests.runs import metrics, start, stop_at
 from tests.test_reliability import TINY, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,7 +92,7 @@ def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_
         assert stop_at(proc, run_dir, (1, 2)) == 143
     finally:
         proc.kill()
-    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(rundir.last(run_dir), weights_only=True)
     assert state["epoch"] == 1 and state["step"] >= 2 and "cuda" in state["rng"]
     # The same command again: the GPU run continues to its end.
     proc = start(args, run_dir)
@@ -102,7 +102,7 @@ def test_stopped_gpu_run_resumes_and_its_checkpoint_continues_on_the_cpu(fmnist_
     cpu_dir = tmp_path / "cpu"
     cpu_dir.mkdir()
     train(tiny_cfg(f"dataset.root={fmnist_root}", "device=cpu", "trainer.epochs=4", "logger=none",
-                   f"trainer.resume={run_dir / checkpoint.FOLDER / checkpoint.LAST}"), cpu_dir)
+                   f"trainer.resume={rundir.last(run_dir)}"), cpu_dir)
     assert [r["epoch"] for r in metrics(cpu_dir)] == [4]
 
 

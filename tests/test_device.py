@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from resnet_lab import device as device_setup
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.engine import RunningTotals, train_epoch
 from resnet_lab.models import MODELS
+from resnet_lab.training.engine import RunningTotals, train_epoch
 from tests import runs
 
 

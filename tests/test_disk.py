@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_lab import checkpoint
-from resnet_lab.train import train
+from resnet_lab import rundir
+from resnet_lab.training import checkpoint
+from resnet_lab.training.train import train
 from tests.test_reliability import tiny_cfg
-
 
 
 def stored_bytes(folder: Path) -> int:
@@ -25,16 +25,16 @@ def stored_bytes(folder: Path) -> int:
 
 def test_a_run_keeps_at_most_half_of_what_full_copies_took(fmnist_root, tmp_path):
     train(tiny_cfg(f"dataset.root={fmnist_root}", "model.width=16", "trainer.epochs=1",
-                   "trainer.limit_train_batches=4", "logger=none"), tmp_path)
+                   "trainer.limit_train_batches=4", "logger=none", "dataset.val_fraction=0.2"), tmp_path)
     weights = (tmp_path / "model.pt").stat().st_size
-    last = (tmp_path / checkpoint.FOLDER / checkpoint.LAST).stat().st_size
+    last = (tmp_path / rundir.CHECKPOINTS / rundir.LAST).stat().st_size
     # Before: last.pt and best.pt each held the weights and Adam's two moments, plus model.pt.
     before = 2 * 3 * weights + weights
     assert stored_bytes(tmp_path) <= before / 2
     assert last < 2.2 * weights  # Adam's moments, without the weights
-    # best.pt (the one epoch is the best) and model.pt are the last checkpoint's weights file.
-    state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)
-    for name in ("model.pt", f"{checkpoint.FOLDER}/{checkpoint.BEST}"):
+    # best.pt (the one epoch is the best on validation) and model.pt are the last checkpoint's weights file.
+    state = checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)
+    for name in ("model.pt", f"{rundir.CHECKPOINTS}/{rundir.BEST}"):
         assert os.path.samefile(tmp_path / name, state["weights_file"])
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in state["model"].items())
@@ -46,11 +46,11 @@ def test_each_checkpoint_replaces_the_weights_file_and_a_missing_one_is_named(tm
 
     last = save_checkpoint(tmp_path, composed(), epoch=1, step=3)
     first = checkpoint.load(last)["weights_file"]
-    orphan = last.parent / f"{checkpoint.WEIGHTS_PREFIX}left-by-a-kill.pt"  # written, last.pt not yet
+    orphan = last.parent / f"{rundir.WEIGHTS_PREFIX}left-by-a-kill.pt"  # written, last.pt not yet
     orphan.write_bytes(b"")
     save_checkpoint(tmp_path, composed(), epoch=2, step=0)
     second = checkpoint.load(last)["weights_file"]
-    assert second != first and [p.name for p in last.parent.glob(f"{checkpoint.WEIGHTS_PREFIX}*")] == [second.name]
+    assert second != first and [p.name for p in last.parent.glob(f"{rundir.WEIGHTS_PREFIX}*")] == [second.name]
     second.unlink()
     with pytest.raises(UserError, match=f"checkpoint {last} keeps its weights in {second}, which is missing"):
         checkpoint.load(last)

@@ -16,21 +16,21 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
+from resnet_lab import distributed, rundir
 from resnet_lab.__main__ import one_run_folder
 from resnet_lab.config import validate
 from resnet_lab.data import build_data
-from resnet_lab.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
-from resnet_lab.train import train
-from resnet_lab.trainer import updates
+from resnet_lab.training.engine import RunningTotals, evaluate, train_epoch
+from resnet_lab.training.train import train
+from resnet_lab.training.trainer import updates
 from tests import runs
-from tests.runs import epochs, freeze_at, fresh_env, metrics, stop_at, start
+from tests.runs import epochs, freeze_at, fresh_env, metrics, start, stop_at
 from tests.test_reliability import tiny_cfg
+from tests.test_train import tiny_cfg as train_cfg
 from tests.wandb_file import read_run
-
 
 TINY = [*runs.TINY, "trainer.checkpoint_every_steps=0",
         "optim=sgd", "optim.lr=0.05"]
@@ -146,16 +146,18 @@ def cli(args, cwd: Path, launcher=(sys.executable, "-m", "resnet_lab"), **popen)
 @pytest.fixture(scope="module")
 def one_rank(fmnist_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_rank")
-    train(tiny_cfg(f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1"), run_dir)
+    train(train_cfg(fmnist_root, *TINY, "trainer.epochs=1"), run_dir)
     return metrics(run_dir)[0]
 
 
 def assert_close_to_one_rank(row, one_rank) -> None:
-    # ResNets normalise by batch statistics, over each rank's 16 images rather than all 32:
-    # the numbers agree loosely, not exactly (measured: 1.82 against 2.08 here).
+    # ResNets normalise by batch statistics, over each rank's 16 images rather than all 32, so the
+    # loss agrees loosely (measured: 1.819 against 1.820 here); accuracies over 320 images after one
+    # epoch differ by chance (test: 0.04 against 0.14) and say nothing. The exact agreement is
+    # test_two_ranks_learn_what_one_rank_learns'. Each image counted once over both ranks:
     assert row["train_loss"] == pytest.approx(one_rank["train_loss"], rel=0.2)
-    assert row["train_acc"] == pytest.approx(one_rank["train_acc"], abs=0.1)
-    assert row["test_acc"] == pytest.approx(one_rank["test_acc"], abs=0.15)
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(320)
+    assert one_rank["images_per_s"] * one_rank["seconds"] == pytest.approx(320)
 
 
 def test_device_world_size_spawns_ranks_inside_one_run(fmnist_root, tmp_path, one_rank):
@@ -198,7 +200,7 @@ def test_a_stopped_ddp_run_resumes_in_one_process(fmnist_root, tmp_path):
         proc.kill()
     out = (tmp_path / "run.log").read_text()
     assert out.count("SIGTERM: stopped at epoch 1 step") == 1 and "Traceback" not in out
-    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(rundir.last(run_dir), weights_only=True)
     # The checkpoint holds the bare model and the totals of both ranks.
     assert state["epoch"] == 1 and 2 <= state["step"] < 10 and state["totals"]["seen"] == 32 * state["step"]
     assert not any(k.startswith("module.") for k in state["model"])
@@ -343,7 +345,7 @@ def test_a_ddp_run_with_dropout_resumes_where_each_rank_stopped(fmnist_root, tmp
     resumed.mkdir()
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), reference)
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=1"), resumed)
-    state = torch.load(resumed / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(resumed / rundir.CHECKPOINTS / rundir.LAST, weights_only=True)
     assert len(state["rng_ranks"]) == 1 and not torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])
     distributed.spawn(2, train, tiny_cfg(*args, "trainer.epochs=2"), resumed)
     ends = [torch.load(d / "model.pt", weights_only=True) for d in (reference, resumed)]

@@ -55,13 +55,13 @@ def test_full_error_re_raises_and_a_single_run_writes_one_error_line_first(tmp_p
 
 
 def test_hydra_writes_its_record_before_the_job_runs(tmp_path, monkeypatch):
-    # resnet_lab.checkpoint.hydra_record_kept puts back the record a job that trained nothing overwrote.
+    # resnet_lab.training.rundir.hydra_record_kept puts back the record a job that trained nothing overwrote.
     run(tmp_path, monkeypatch, "+job=1")
     assert CALLS[0][:3] == ("job", 1, True)
 
 
 def test_the_basic_sweeper_raises_a_failed_job_after_the_last_without_on_multirun_end(tmp_path, monkeypatch):
-    # SweepSummary.unfinished: __main__ prints the sweep's table itself when on_multirun_end is skipped.
+    # resnet_lab.__main__: it prints the sweep's table itself when on_multirun_end is skipped.
     with pytest.raises(ValueError, match="job 0 fails"):
         run(tmp_path, monkeypatch, "+job=0,1", f"+hydra.callbacks.recorder._target_={__name__}.Recorder",
             multirun=True)
@@ -69,7 +69,7 @@ def test_the_basic_sweeper_raises_a_failed_job_after_the_last_without_on_multiru
 
 
 def test_hydra_state_pickled_restores_the_job_in_a_fresh_process(tmp_path, monkeypatch):
-    # resnet_lab.train.launch hands a job's Hydra state to its spawned ranks (spawned_rank).
+    # resnet_lab.training.train.launch hands a job's Hydra state to its spawned ranks (spawned_rank).
     run(tmp_path, monkeypatch, "+job=1")
     code = ("import pickle, sys; from hydra.core.singleton import Singleton; "
             "from hydra.core.hydra_config import HydraConfig; "

@@ -18,7 +18,7 @@ from resnet_lab.data import build_data, cache
 from resnet_lab.data.images import GREY_MODES, decode, headers
 from resnet_lab.data.loader import DeviceLoader, HostLoader
 from resnet_lab.errors import UserError
-from resnet_lab.train import train
+from resnet_lab.training.train import train
 from tests.test_bad_input import DAMAGE, assert_names
 from tests.test_reliability import assert_same_outcome, outcome
 from tests.test_train import tiny_cfg

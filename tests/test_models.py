@@ -20,11 +20,11 @@ from torch import nn
 from resnet_lab.config import DatasetConfig, model_config
 from resnet_lab.errors import UserError
 from resnet_lab.models import MODELS, build_model
-from resnet_lab.models.__main__ import main as list_models, measure
+from resnet_lab.models.__main__ import main as list_models
+from resnet_lab.models.__main__ import measure
 from resnet_lab.models.resnet import PadShortcut
-from resnet_lab.train import train
+from resnet_lab.training.train import train
 from tests import runs
-
 
 # torchvision's parameter counts, 3 input channels, 1000 classes.
 IMAGENET = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,

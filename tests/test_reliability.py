@@ -18,14 +18,15 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from resnet_lab import checkpoint, runlock
-from resnet_lab.checkpoint import Checkpointer
-from resnet_lab.engine import RunningTotals
+from resnet_lab import rundir
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped, StopSignals
-from resnet_lab.train import train
+from resnet_lab.training import checkpoint
+from resnet_lab.training.checkpoint import Checkpointer
+from resnet_lab.training.engine import RunningTotals
+from resnet_lab.training.train import train
 from tests import runs
-from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, stop_at, start
+from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, start, stop_at
 from tests.test_cli import run_cli
 from tests.wandb_file import read_run
 
@@ -122,7 +123,7 @@ def test_a_recipe_run_killed_mid_epoch_resumes_to_the_metrics_of_one_never_stopp
 def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused(fmnist_root, tmp_path,
                                                                                  reference):
     run_dir = tmp_path / "run"
-    lock = run_dir / runlock.LOCK_FILE
+    lock = run_dir / rundir.LOCK
     common = [f"dataset.root={fmnist_root}", *TINY, "trainer.checkpoint_every_steps=0", "logger=none",
               f"hydra.run.dir={run_dir}"]
     # Two seeds: a run that took over the other's checkpoints or record would show it.
@@ -153,9 +154,9 @@ def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused
     # The folder is the winner's alone: its record, and a lone run's metrics and weights.
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={winner}" in overrides and f"seed={1 - winner}" not in overrides
-    names = sorted(p.name for p in (run_dir / checkpoint.FOLDER).iterdir())
-    assert names[:3] == [checkpoint.BEST, "hydra", checkpoint.LAST] and len(names) == 4
-    assert names[3].startswith(checkpoint.WEIGHTS_PREFIX)  # one weights file, of the last checkpoint
+    names = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).iterdir())
+    assert names[:2] == ["hydra", rundir.LAST] and len(names) == 3
+    assert names[2].startswith(rundir.WEIGHTS_PREFIX)  # one weights file, of the last checkpoint
     assert not lock.exists()
     lone = reference
     if winner == 1:
@@ -194,14 +195,14 @@ def test_sigterm_to_the_job_mid_epoch_stops_cleanly_and_resumes_exactly(tmp_path
         proc.kill()
     log = (tmp_path / "run.log").read_text()
     assert "SIGTERM: stopped at epoch 1 step" in log and "Traceback" not in log
-    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(rundir.last(run_dir), weights_only=True)
     assert state["epoch"] == 1 and 0 < state["step"] < 9 and state["totals"]["seen"] == 9 * state["step"]
     assert not (run_dir / "metrics.jsonl").exists()
     # The W&B run is closed with the signal's status, and the folder says it was stopped.
     stopped = read_run(run_dir)
     assert stopped.exit_code == 143 and stopped.run.run_id == state["wandb_run_id"]
     assert (run_dir / "status").read_text() == "stopped\n"
-    assert not (run_dir / runlock.LOCK_FILE).exists()  # released: the resume takes over nothing
+    assert not (run_dir / rundir.LOCK).exists()  # released: the resume takes over nothing
 
     train(tiny_cfg(*args, "dataset.num_workers=0"), run_dir)
     assert_same_outcome(outcome(run_dir), outcome(reference_dir))
@@ -238,20 +239,20 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
 
     def open_on_full_disk(path, mode="r", *args, **kw):
         f = open(path, mode, *args, **kw)
-        if Path(path).name == f".{checkpoint.LAST}.tmp":
+        if Path(path).name == f".{rundir.LAST}.tmp":
             writes.append(path)
             if len(writes) == 2:  # the first checkpoint succeeds, the disk fills during the second
                 return FullDisk(f, room=10_000)
         return f
 
-    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    monkeypatch.setattr(rundir, "open", open_on_full_disk, raising=False)
     cfg = tiny_cfg(f"dataset.root={fmnist_root}")
     with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact; free some space, then run again"):
         train(cfg, tmp_path)
-    last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
+    last = tmp_path / rundir.CHECKPOINTS / rundir.LAST
     # No temporary file left, nor the failed checkpoint's weights: last.pt and the weights it names.
     state = checkpoint.load(last)
-    assert sorted(p.name for p in last.parent.iterdir()) == [checkpoint.LAST, state["weights_file"].name]
+    assert sorted(p.name for p in last.parent.iterdir()) == [rundir.LAST, state["weights_file"].name]
     assert (state["epoch"], state["step"]) == (1, EVERY)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # The failed write came at epoch 1's end, after its metrics row; the resumed run writes that
@@ -261,7 +262,6 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     monkeypatch.undo()
     train(cfg, tmp_path)
     assert_same_outcome(outcome(tmp_path), reference)
-    assert (tmp_path / checkpoint.FOLDER / checkpoint.BEST).exists()
 
 
 def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tmp_path, monkeypatch, capsys):
@@ -272,20 +272,20 @@ def test_disk_full_while_writing_model_pt_leaves_no_partial_file(fmnist_root, tm
     run_dir = tmp_path / "run"
     args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={run_dir}"]
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+        patch.setattr(rundir, "open", open_on_full_disk, raising=False)
         without_hard_links(patch)
         code, err = run_cli(args, tmp_path, monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line == (f"error: could not write {run_dir / 'model.pt'} (No space left on device); no model.pt was "
-                    f"written; free some space, then run again to write it from {checkpoint.LAST}")
+                    f"written; free some space, then run again to write it from {rundir.LAST}")
     assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
     assert (run_dir / "status").read_text() == "failed\n"
     # The same settings again write it from the finished checkpoint, without training.
     train(tiny_cfg(*args[:-1]), run_dir)
     assert epochs(run_dir) == [1] and (run_dir / "status").read_text() == "finished\n"
     weights = torch.load(run_dir / "model.pt", weights_only=True)
-    saved = checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["model"]
+    saved = checkpoint.load(rundir.last(run_dir))["model"]
     assert all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
@@ -303,7 +303,7 @@ def test_a_really_full_file_system_at_the_second_checkpoint_keeps_the_first(fmni
     sizes = tmp_path / "sizes"
     sizes.mkdir()
     train(tiny_cfg(*args), sizes)
-    checkpoint_size = (sizes / checkpoint.FOLDER / checkpoint.LAST).stat().st_size
+    checkpoint_size = (sizes / rundir.CHECKPOINTS / rundir.LAST).stat().st_size
     # Room for one checkpoint (last.pt and its weights) and the small files, and half of the
     # next checkpoint's weights: the first checkpoint goes in, the second does not.
     weights_size = (sizes / "model.pt").stat().st_size
@@ -312,36 +312,37 @@ def test_a_really_full_file_system_at_the_second_checkpoint_keeps_the_first(fmni
                           capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: could not write {run_dir / checkpoint.FOLDER}/{checkpoint.WEIGHTS_PREFIX}")
+    assert line.startswith(f"error: could not write {run_dir / rundir.CHECKPOINTS}/{rundir.WEIGHTS_PREFIX}")
     assert "(No space left on device)" in line and line.endswith("free some space, then run again to resume")
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
                                                          "train.log"]
-    assert checkpoint.load(run_dir / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+    assert checkpoint.load(rundir.last(run_dir))["epoch"] == 2
 
 
 def test_disk_full_at_best_pt_says_last_pt_was_written(fmnist_root, tmp_path, monkeypatch):
     def open_on_full_disk(path, mode="r", *args, **kw):
         f = open(path, mode, *args, **kw)
-        return FullDisk(f, room=10_000) if Path(path).name == f".{checkpoint.BEST}.tmp" else f
+        return FullDisk(f, room=10_000) if Path(path).name == f".{rundir.BEST}.tmp" else f
 
-    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    monkeypatch.setattr(rundir, "open", open_on_full_disk, raising=False)
     without_hard_links(monkeypatch)
     with pytest.raises(UserError) as failed:
-        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0"),
-              tmp_path)
-    assert str(failed.value).endswith(f"{checkpoint.BEST} (No space left on device); no {checkpoint.BEST} was "
-                                      f"written; free some space; {checkpoint.LAST} was written: run again to resume")
-    assert checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)["epoch"] == 2
+        train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
+                       "dataset.val_fraction=0.2"), tmp_path)
+    assert str(failed.value).endswith(f"{rundir.BEST} (No space left on device); no {rundir.BEST} was "
+                                      f"written; free some space; {rundir.LAST} was written: run again to resume")
+    assert checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)["epoch"] == 2
 
 
 def test_metrics_and_status_on_a_full_disk_are_left_whole(tmp_path, monkeypatch):
-    from resnet_lab.tracking import MetricsFile, write_status
+    from resnet_lab.rundir import write_status
+    from resnet_lab.training.tracking import MetricsFile
 
     rows = MetricsFile(tmp_path)
     rows.write({"epoch": 1, "test_acc": 0.5})
     write_status(tmp_path, "running")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": FullDisk(open(path, mode), room=3),
+    monkeypatch.setattr(rundir, "open", lambda path, mode="r": FullDisk(open(path, mode), room=3),
                         raising=False)
     with pytest.raises(UserError, match=r"metrics.jsonl \(No space left on device\); the previous metrics.jsonl "
                                         r"is intact; free some space$"):
@@ -406,7 +407,7 @@ def test_a_diverging_sweep_job_fails_alone_and_keeps_its_last_good_checkpoint(fm
     assert "lower optim.lr" in last and "last good checkpoint" in last
     diverged, fine = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
     assert epochs(diverged) == [1]
-    state = checkpoint.load(diverged / checkpoint.FOLDER / checkpoint.LAST)
+    state = checkpoint.load(diverged / rundir.CHECKPOINTS / rundir.LAST)
     assert (state["epoch"], state["step"]) == (2, 0)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (diverged / "model.pt").exists()
@@ -440,14 +441,14 @@ def test_signals_ask_for_a_stop_and_a_second_ctrl_c_interrupts_at_once():
 
 def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2",
-                   "optim=sgd", "sched=onecycle"), tmp_path)
-    state = checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST)
+                   "optim=sgd", "sched=onecycle", "dataset.val_fraction=0.2"), tmp_path)
+    state = checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)
     assert set(state) == {"epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
                           "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed", "weights_file",
                           "features"}
     # The weights are read from their own file, which best.pt (the best weights alone) links to.
-    assert state["weights_file"].name.startswith(checkpoint.WEIGHTS_PREFIX)
-    assert state["weights_file"].samefile(tmp_path / checkpoint.FOLDER / checkpoint.BEST)
+    assert state["weights_file"].name.startswith(rundir.WEIGHTS_PREFIX)
+    assert state["weights_file"].samefile(tmp_path / rundir.CHECKPOINTS / rundir.BEST)
     assert state["features"] == {}  # no feature with a state of its own (an EMA) is on
     assert state["elapsed"] > 0
     assert state["rng_ranks"] == []  # one rank: its random state is "rng"
@@ -457,7 +458,7 @@ def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
     # The W&B run this checkpoint belongs to, so a resume continues that run.
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_run_id']}"))
     assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["state"]
-    assert state["best_acc"] == state["metrics"]["test_acc"]
+    assert state["best_acc"] == state["metrics"]["val_acc"]
 
 
 @pytest.mark.parametrize("ending", ["stopped", "finished", "failed"])
@@ -486,7 +487,7 @@ def test_a_new_folder_resumed_from_another_runs_checkpoint_gets_its_own_wandb_ru
     first.mkdir()
     second.mkdir()
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.limit_train_batches=2"), first)
-    start_from = first / checkpoint.FOLDER / checkpoint.LAST
+    start_from = first / rundir.CHECKPOINTS / rundir.LAST
     first_id = checkpoint.load(start_from)["wandb_run_id"]
     # A new folder with no more epochs than the run trained would train nothing: refused, untouched.
     with pytest.raises(UserError, match=r"trainer.resume=.*last.pt: that run has trained 1 epochs and "
@@ -496,14 +497,14 @@ def test_a_new_folder_resumed_from_another_runs_checkpoint_gets_its_own_wandb_ru
     assert not list(second.iterdir())
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=2", "trainer.limit_train_batches=2",
                    f"trainer.resume={start_from}"), second)
-    second_id = checkpoint.load(second / checkpoint.FOLDER / checkpoint.LAST)["wandb_run_id"]
+    second_id = checkpoint.load(second / rundir.CHECKPOINTS / rundir.LAST)["wandb_run_id"]
     assert second_id and second_id != first_id
     assert read_run(second).run.run_id == second_id
     assert epochs(second) == [2]  # it continued training from the first run's epoch 1
 
 
 def test_a_resumed_run_counts_the_seconds_of_every_part(fmnist_root, tmp_path):
-    last = tmp_path / checkpoint.FOLDER / checkpoint.LAST
+    last = tmp_path / rundir.CHECKPOINTS / rundir.LAST
     train(tiny_cfg(f"dataset.root={fmnist_root}", "trainer.epochs=4", "logger=none"), tmp_path)
     first = torch.load(last, weights_only=True)["elapsed"]
     began = time.perf_counter()
@@ -535,7 +536,7 @@ def test_a_checkpoint_resumes_fused_or_not_as_this_device_builds(saved_fused, fu
     step(model, optimizer, saving.scaler)
     saving.save(1, 1, totals=None, best_acc=0.0, metrics={}, wandb_run_id=None, elapsed=1.0)
     model, optimizer, restoring = parts(fused)
-    restoring.restore(checkpoint.load(tmp_path / checkpoint.FOLDER / checkpoint.LAST), tmp_path)
+    restoring.restore(checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST), tmp_path)
     assert optimizer.param_groups[0]["fused"] is fused
     before = [p.detach().clone() for p in model.parameters()]
     step(model, optimizer, restoring.scaler)  # an AssertionError inside torch, were the flags mixed
@@ -549,7 +550,7 @@ def test_ctrl_c_mid_epoch_writes_last_pt_and_exits_130(fmnist_root, tmp_path):
         assert stop_at(proc, run_dir, (1, 1), signal.SIGINT) == 130
     finally:
         proc.kill()
-    state = torch.load(run_dir / checkpoint.FOLDER / checkpoint.LAST, weights_only=True)
+    state = torch.load(rundir.last(run_dir), weights_only=True)
     assert state["epoch"] == 1 and state["step"] >= 1 and (run_dir / "status").read_text() == "stopped\n"
     log = (tmp_path / "run.log").read_text()
     assert "SIGINT: stopped at epoch 1 step" in log and "Traceback" not in log

@@ -1,5 +1,5 @@
 """The benchmarks in their tiny modes: throughput runs every pipeline and writes the full JSON;
-time_to_accuracy runs the starting-point script and the preset side by side; gpu_check runs them all."""
+time_to_accuracy runs the d2l.ai ResNet-18 script and the preset side by side; gpu_check runs them all."""
 
 import json
 import math

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.train import train
+from resnet_lab.training.train import train
 from tests import runs
 from tests.runs import for_kind
 
@@ -108,7 +108,7 @@ class FakeTerminal(io.StringIO):
 
 @pytest.mark.parametrize("terminal", [True, False])
 def test_progress_bar_only_on_a_terminal(terminal, monkeypatch):
-    from resnet_lab.tracking import EpochProgress
+    from resnet_lab.training.tracking import EpochProgress
 
     out = FakeTerminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)

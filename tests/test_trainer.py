@@ -5,13 +5,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import resnet_lab.train  # noqa: F401  (registers the schema)
-from resnet_lab import checkpoint, resume
+import resnet_lab.training.train  # noqa: F401  (registers the schema)
 from resnet_lab import device as device_setup
+from resnet_lab import rundir
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
-from resnet_lab.engine import Callback, RunningTotals, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.trainer import Decision, State, after_step
+from resnet_lab.training import checkpoint, resume
+from resnet_lab.training.engine import Callback, RunningTotals, train_epoch
+from resnet_lab.training.trainer import Decision, State, after_step
 
 
 def test_mid_epoch_checkpoints_fall_every_n_steps_of_the_run_not_of_the_epoch():
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir, cfg, epoch, step):
     saver = checkpoint.Checkpointer(run_dir, cfg, model, optimizer, scheduler,
                                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
     saver.save(epoch, step, totals=None, best_acc=0.5, metrics={"test_acc": 0.5}, wandb_run_id=None, elapsed=1.0)
-    return run_dir / checkpoint.FOLDER / checkpoint.LAST
+    return rundir.last(run_dir)
 
 
 def test_resume_plan_fresh_continue_finished_refuse(tmp_path):

@@ -22,11 +22,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from resnet_lab import checkpoint
+from resnet_lab import rundir
 from resnet_lab.data.images import Sample, decode, reading
 from resnet_lab.data.loader import TensorSplit
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import ProgressBar
+from resnet_lab.progress import ProgressBar
 
 log = logging.getLogger("resnet_lab")
 
@@ -120,7 +120,7 @@ class FolderCache:
     def save_index(self, index: dict) -> None:
         if self.folder is not None:
             text = json.dumps({**index, "version": VERSION, "resize": self.resize}).encode()
-            checkpoint.write_file(self.path("json"), lambda f: f.write(text))
+            rundir.write_file(self.path("json"), lambda f: f.write(text))
 
     def splits(self, index: dict, samples: Dict[str, List[Sample]], workers: int) -> Dict[str, TensorSplit]:
         """Each split's images, mapped from its array; decoded into one first if the index has none."""

@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from resnet_lab import rundir
 from resnet_lab.errors import UserError
 
 log = logging.getLogger("resnet_lab")
@@ -26,25 +27,21 @@ FIXES = ("give the weights of a run of this model, or choose the model they were
 def find(path: Path) -> Path:
     """The weights file `path` names: the file itself, or a run folder's model.pt (else the weights
     of its last checkpoint)."""
-    from resnet_lab import checkpoint
-
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / "model.pt", path / checkpoint.FOLDER / checkpoint.LAST):
+        for candidate in (path / rundir.MODEL, path / rundir.CHECKPOINTS / rundir.LAST):
             if candidate.is_file():
                 return candidate
-        raise UserError(f"{path}: no weights there (neither model.pt nor {checkpoint.FOLDER}/{checkpoint.LAST}); "
+        raise UserError(f"{path}: no weights there (neither model.pt nor {rundir.CHECKPOINTS}/{rundir.LAST}); "
                         f"train the run to the end of an epoch first, or give the path of a weights file")
     if not path.is_file():
         raise UserError(f"{path}: no such file or folder; give a weights file (model.pt, "
-                        f"{checkpoint.FOLDER}/{checkpoint.BEST}, a torchvision state dict) or a run folder")
+                        f"{rundir.CHECKPOINTS}/{rundir.BEST}, a torchvision state dict) or a run folder")
     return path
 
 
 def read(path: Path) -> Dict[str, torch.Tensor]:
     """The state dict of a weights file or of a resnet_lab checkpoint (its model's weights)."""
-    from resnet_lab import checkpoint
-
     path = find(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -52,7 +49,8 @@ def read(path: Path) -> Dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable weights file ({type(e).__name__}); give a state dict "
                         f"saved with torch.save, a run's model.pt or one of its checkpoints") from e
     if isinstance(state, dict) and "optimizer" in state and "model" in state:
-        return checkpoint.load(path)["model"]
+        # A checkpoint: it names the file that holds its weights (older ones hold them).
+        return read(path.parent / state["model"]) if isinstance(state["model"], str) else state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict (a dict of tensors); save one with "
                         f"torch.save(model.state_dict(), path)")

@@ -15,14 +15,19 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint
 from resnet_lab import device as device_setup
+from resnet_lab import rundir
 from resnet_lab.config import register_configs, validate
 from resnet_lab.data import Data, build_data
 from resnet_lab.errors import UserError, describe
 from resnet_lab.models import build_model, weights
 
-CHECKPOINTS = ("last", "best")  # or the path of a weights file
+# The last checkpoint's weights, the best epoch's (best.pt), the EMA's at the last checkpoint
+# (ema.pt); or the path of a weights file.
+CHECKPOINTS = {"last": rundir.LAST, "best": rundir.BEST, "ema": rundir.EMA}
+WHY_ABSENT = {"last": "the run has written no checkpoint yet: train it to the end of an epoch",
+              "best": "the run chooses no best epoch without a validation split (dataset.val_fraction)",
+              "ema": "the run kept no EMA of its weights (ema.decay)"}
 
 
 @dataclass
@@ -49,9 +54,9 @@ def split_args(args: Sequence[str], options: Dict[str, str]) -> Tuple[Dict[str, 
 
 def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The run's config, composed again from its overrides, then the given ones."""
-    record = run_dir / checkpoint.HYDRA_RECORD / "overrides.yaml"
+    record = run_dir / rundir.HYDRA_RECORD / "overrides.yaml"
     if not record.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no {checkpoint.HYDRA_RECORD}/overrides.yaml); give the "
+        raise UserError(f"{run_dir}: not a run folder (no {rundir.HYDRA_RECORD}/overrides.yaml); give the "
                         f"folder a training run wrote, e.g. outputs/runs/<date>/<time>")
     saved = [o for o in OmegaConf.load(record) if not o.startswith(("hydra.", "trainer.resume="))]
     register_configs()
@@ -62,15 +67,15 @@ def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 
 def weights_file(run_dir: Path, choice: str) -> Path:
-    """checkpoint=last (the last checkpoint's weights), best (best.pt) or a path."""
-    folder = run_dir / checkpoint.FOLDER
+    """checkpoint=last, best, ema (CHECKPOINTS) or a path."""
     if choice not in CHECKPOINTS:
         return weights.find(Path(choice))
-    path = folder / (checkpoint.LAST if choice == "last" else checkpoint.BEST)
+    path = run_dir / rundir.CHECKPOINTS / CHECKPOINTS[choice]
     if not path.is_file():
-        other = "best" if choice == "last" else "last"
-        raise UserError(f"{run_dir}: no {checkpoint.FOLDER}/{path.name} (the run has written no weights yet); "
-                        f"train it to the end of an epoch, or give checkpoint={other} or checkpoint=<path>")
+        there = [name for name, file in CHECKPOINTS.items() if (path.parent / file).is_file()]
+        instead = ", ".join(f"checkpoint={name}" for name in there) + (" or " if there else "")
+        raise UserError(f"{run_dir}: no {rundir.CHECKPOINTS}/{path.name} ({WHY_ABSENT[choice]}); "
+                        f"give {instead}checkpoint=<path>")
     return path
 
 

@@ -22,19 +22,20 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_lab import checkpoint, distributed
 from resnet_lab import device as device_setup
-from resnet_lab.config import objective
-from resnet_lab.confusion import Confusion
+from resnet_lab import distributed, rundir
+from resnet_lab.config import chooses_best, objective, returned
 from resnet_lab.data import build_data
-from resnet_lab.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.errors import UserError
-from resnet_lab.features import build_features
 from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler
-from resnet_lab.preemption import StopSignals, Stopped
-from resnet_lab.resume import Plan
-from resnet_lab.tracking import METRICS_FILE, EpochProgress, Tracker
+from resnet_lab.preemption import Stopped, StopSignals
+from resnet_lab.training import checkpoint
+from resnet_lab.training.confusion import Confusion
+from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
+from resnet_lab.training.features import build_features
+from resnet_lab.training.resume import Plan
+from resnet_lab.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger("resnet_lab")
 
@@ -49,7 +50,7 @@ class State:
     # The epoch's running totals so far: live on the device while training; in a checkpoint,
     # summed over the ranks (None at an epoch's start).
     totals: Optional[RunningTotals] = None
-    best_acc: float = -1.0  # of the objective (config.objective)
+    best_acc: float = -1.0  # of the objective, at the best epoch (when config.chooses_best)
     metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's row
     elapsed: float = 0.0  # the run's wall seconds, over all its resumed parts, at its last save
     wandb_run_id: Optional[str] = None
@@ -130,15 +131,15 @@ class Trainer(Callback):
         self.began = time.perf_counter()  # minus the seconds of the parts before a resume
         self.last_good: Optional[str] = None  # the last checkpoint written, for the NaN message
         self.confusion: Optional[Confusion] = None  # of the last evaluation, for the run's final report
-        self.objective = objective(cfg)
+        self.objective, self.chooses = objective(cfg), chooses_best(cfg)
 
     def run(self) -> float:
-        """Set up, resume, train the remaining epochs; the final value of the objective."""
+        """Set up, resume, train the remaining epochs; the objective at the epoch the run is judged by."""
         self.setup()
         if self.plan.action == "continue":
             self.resume()
         if self.main:
-            checkpoint.keep_epochs(self.run_dir / METRICS_FILE, self.state.epoch - 1)
+            checkpoint.keep_epochs(self.run_dir / rundir.METRICS, self.state.epoch - 1)
         self.announce()
         # The tracker opens only now, when the run is sure to train: a run that fails while setting
         # up (a resume into another model, say) leaves the folder's status and its W&B run as they
@@ -153,7 +154,7 @@ class Trainer(Callback):
                 self.train_epoch()
                 self.end_epoch()
             self.finish()
-        return self.state.metrics[self.objective]
+        return returned(self.cfg, self.state.best_acc, self.state.metrics)
 
     def setup(self) -> None:
         """The device, the seeds, the parts, and how often the loss is looked at."""
@@ -164,7 +165,8 @@ class Trainer(Callback):
         (self.data, self.model, self.forward, self.optimizer, self.scheduler,
          self.scaler) = build(self.cfg, self.runtime, self.ranks, fresh=self.plan.action == "fresh")
         self.checkpoints = checkpoint.Checkpointer(self.run_dir, self.cfg, self.model, self.optimizer,
-                                                   self.scheduler, self.scaler, self.runtime.device)
+                                                   self.scheduler, self.scaler, self.runtime.device,
+                                                   best_of_ema=self.objective.endswith("_ema"))
         self.steps = len(self.data.train)
         self.updates = updates(self.steps, self.cfg.trainer.accumulate)
         # The order of engine.Callback: the features, then the trainer (which checkpoints them).
@@ -203,6 +205,10 @@ class Trainer(Callback):
                  f"{runtime.device.type} {runtime.precision}"
                  f"{' channels_last' if runtime.channels_last else ''}{' compiled' if runtime.compile else ''}"
                  f"{f', {world} ranks' if world > 1 else ''}; writing to {self.run_dir}")
+        if self.chooses and not self.objective.startswith("val"):
+            log.warning(f"trainer.objective={self.objective}: the best epoch (best.pt, the value returned, "
+                        f"every 'best') is chosen on the test split, so its test accuracy is an optimistic "
+                        f"estimate; hold out a validation split (dataset.val_fraction) to choose on it")
 
     def train_epoch(self) -> None:
         """Train state.epoch from state.step to its end."""
@@ -239,14 +245,15 @@ class Trainer(Callback):
             raise self.stop(decision.stop)
 
     def end_epoch(self) -> None:
-        """Evaluate the epoch, report it, and save the start of the next (best.pt too if it is the
-        best so far); a signal during the evaluation stops the run there."""
+        """Evaluate the epoch, report it, and save the start of the next (best.pt too if the run
+        chooses a best epoch and this is it); a signal during the evaluation stops the run there."""
         state = self.state
         self.check_finite()
         metrics = self.evaluate()
         self.tracker.epoch(metrics, global_step=state.epoch * self.updates)
-        improved = metrics[self.objective] > state.best_acc
-        state.best_acc = max(state.best_acc, metrics[self.objective])
+        improved = self.chooses and metrics[self.objective] > state.best_acc
+        if improved:
+            state.best_acc = metrics[self.objective]
         state.metrics, state.epoch, state.step, state.totals = metrics, state.epoch + 1, 0, None
         self.save(best=improved)
         signum = distributed.largest(self.signals.signum or 0)
@@ -295,11 +302,11 @@ class Trainer(Callback):
                 features = {feature.name: feature.state_dict() for feature in self.features}
                 self.checkpoints.save(**{**progress, "totals": whole and whole.state_dict()}, rngs=rngs,
                                       features=features, best=best)
-        self.last_good = f"{self.checkpoints.folder / checkpoint.LAST} (epoch {state.epoch} step {state.step})"
+        self.last_good = f"{self.checkpoints.folder / rundir.LAST} (epoch {state.epoch} step {state.step})"
 
     def stop(self, signum: int) -> Stopped:
         log.warning(f"{signal.Signals(signum).name}: stopped at epoch {self.state.epoch} step "
-                    f"{self.state.step}/{self.steps}; {self.checkpoints.folder / checkpoint.LAST} written: "
+                    f"{self.state.step}/{self.steps}; {self.checkpoints.folder / rundir.LAST} written: "
                     f"run the same command to resume")
         return Stopped(signum)
 
@@ -312,7 +319,7 @@ class Trainer(Callback):
                 self.tracker.final_report(matrix, self.data.classes)
         if self.cfg.trainer.save_weights and self.main:
             # The final weights are those of the last checkpoint (every epoch's end writes one).
-            self.checkpoints.publish(self.run_dir / "model.pt",
-                                     after=f", then run again to write it from {checkpoint.LAST}")
-            self.tracker.weights(self.run_dir / "model.pt")
+            self.checkpoints.publish(self.run_dir / rundir.MODEL,
+                                     after=f", then run again to write it from {rundir.LAST}")
+            self.tracker.weights(self.run_dir / rundir.MODEL)
         self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})

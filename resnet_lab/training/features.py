@@ -6,7 +6,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from resnet_lab.engine import Callback
+from resnet_lab.training.engine import Callback
 
 
 class GradClip(Callback):

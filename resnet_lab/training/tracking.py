@@ -4,28 +4,30 @@ run's status file, and Weights & Biases (one W&B run per Hydra job, its files in
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from resnet_lab import distributed
+from resnet_lab import distributed, rundir
+from resnet_lab.config import chooses_best, chosen_epoch, objective
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import Stopped
+from resnet_lab.progress import ProgressBar
+from resnet_lab.rundir import write_file, write_status
+from resnet_lab.training import confusion
 
 log = logging.getLogger("resnet_lab")
 
-METRICS_FILE = "metrics.jsonl"
-# One word: running (from the start), then finished, failed, or stopped (by a signal, after
-# writing last.pt). A run killed outright stays
-# "running", which is how `compare` tells an interrupted run from a finished one.
-STATUS_FILE = "status"
-EVAL_FOLDER = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
-
-
 ACCURACIES = ("val_acc", "test_acc", "val_acc_ema", "test_acc_ema")  # in an epoch's row, when measured
+SPLITS = ("train", "val", "test", "lr")
+
+
+def wandb_key(key: str) -> str:
+    """An epoch row's key as W&B's panels group it: train_loss as train/loss, test_acc_ema as
+    test/acc_ema, lr_head as lr/head; the others (epoch, seconds, grad_norm) as they are."""
+    split, _, rest = key.partition("_")
+    return f"{split}/{rest}" if split in SPLITS and rest else key
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -33,30 +35,6 @@ def format_epoch(m: Dict[str, float], epochs: int) -> str:
     return (f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f}  "
             f"train acc {m['train_acc']:.4f}{shown}  "
             f"{m['seconds']:.1f} s  {m['images_per_s']:.0f} img/s")
-
-
-class ProgressBar:
-    """A transient progress bar; nothing at all when not on a terminal."""
-
-    def __init__(self, enabled: bool, label: str, total: int, start: int = 0):
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                transient=True)
-            self.task = self.bar.add_task(label, total=total, completed=start)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, steps)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class EpochProgress(ProgressBar):
@@ -71,11 +49,9 @@ class MetricsFile:
     that a kill or a full disk leaves it with the row or without it, never with part of it."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = Path(run_dir) / rundir.METRICS
 
     def write(self, metrics: Dict[str, float]) -> None:
-        from resnet_lab.checkpoint import write_file  # which imports this module
-
         rows = self.path.read_bytes() if self.path.exists() else b""
         write_file(self.path, lambda f: f.write(rows + (json.dumps(metrics) + "\n").encode()))
 
@@ -83,17 +59,6 @@ class MetricsFile:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def read_status(run_dir: Path) -> Optional[str]:
-    path = Path(run_dir) / STATUS_FILE
-    return path.read_text().strip() if path.exists() else None
-
-
-def write_status(run_dir: Path, status: str) -> None:
-    from resnet_lab.checkpoint import write_file  # which imports this module
-
-    write_file(Path(run_dir) / STATUS_FILE, lambda f: f.write((status + "\n").encode()))
 
 
 _announced_mode = False
@@ -132,6 +97,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
+        self.objective, self.chooses = objective(cfg), chooses_best(cfg)
         self.log_every = cfg.logger.log_every_steps
         self.log_weights = cfg.logger.log_weights
         self.main = rank == 0
@@ -177,7 +143,7 @@ class Tracker:
         norm, say), off the device only every log_every updates."""
         self.global_step = global_step
         if self.wandb is not None and global_step % self.log_every == 0:
-            values = {key: value.item() for key, value in {"train_loss_step": loss, **(logged or {})}.items()}
+            values = {key: value.item() for key, value in {"train/loss_step": loss, **(logged or {})}.items()}
             self.wandb.log({"global_step": global_step, **values})
 
     def epoch(self, metrics: Dict[str, float], global_step: Optional[int] = None) -> None:
@@ -190,16 +156,13 @@ class Tracker:
         log.info(format_epoch(metrics, self.epochs))
         self.metrics.write(metrics)
         if self.wandb is not None:
-            self.wandb.log({"global_step": self.global_step, **metrics})
+            self.wandb.log({"global_step": self.global_step, **{wandb_key(k): v for k, v in metrics.items()}})
 
     def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
         """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
         eval/final_confusion.csv, and W&B's charts of them."""
-        from resnet_lab import confusion
-        from resnet_lab.checkpoint import write_file  # which imports this module
-
         report = confusion.report(matrix, classes)
-        folder = self.run_dir / EVAL_FOLDER
+        folder = self.run_dir / rundir.EVAL
         write_file(folder / "final.json", lambda f: f.write(confusion.json_bytes(report)))
         write_file(folder / "final_confusion.csv", lambda f: f.write(confusion.csv_text(matrix, classes).encode()))
         if self.wandb is not None:
@@ -214,16 +177,26 @@ class Tracker:
             artifact.add_file(str(path))
             self.wandb.log_artifact(artifact)
 
+    def judged(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+        """The accuracies the run is judged by: the last epoch's (final/...), and with a chosen best
+        epoch, that epoch's (best/...: the test accuracy at the best validation epoch, never the
+        best test accuracy over epochs)."""
+        if not rows:
+            return {}
+        accuracies = [key for key in ACCURACIES if key in rows[-1]]
+        judged = {f"final/{key}": rows[-1][key] for key in accuracies}
+        if self.chooses:
+            best = chosen_epoch(rows, self.objective, best=True)
+            judged.update({"best/epoch": best["epoch"], **{f"best/{key}": best[key] for key in accuracies}})
+        return judged
+
     def finish(self, summary: Dict[str, float], exit_code: int = 0, status: Optional[str] = None) -> None:
         """Close the W&B run (failed when exit_code != 0) and write the run's final status."""
         if self.finished or not self.main:
             self.finished = True
             return
         self.finished = True
-        rows = self.metrics.read()
-        accuracies = [key for key in ACCURACIES if rows and key in rows[-1]]
-        summary = {**{f"best_{key}": max(r.get(key, -1.0) for r in rows) for key in accuracies},
-                   **{f"final_{key}": rows[-1][key] for key in accuracies}, **summary}
+        summary = {**self.judged(self.metrics.read()), **summary}
         try:
             if self.wandb is not None:
                 self.wandb.summary.update(summary)
@@ -260,15 +233,13 @@ def log_evaluation(cfg: DictConfig, run_dir: Path, name: str, report: Dict, wron
     import torch
     import wandb
 
-    from resnet_lab import checkpoint, confusion
-
     mode = choose_mode(cfg.logger.mode)
     if mode == "disabled":
         return
-    last = Path(run_dir) / checkpoint.FOLDER / checkpoint.LAST
+    last = rundir.last(run_dir)
     train_id = torch.load(last, weights_only=True).get("wandb_run_id") if last.is_file() else None
     # Its files in eval/wandb/, apart from the training run's.
-    run = wandb.init(dir=Path(run_dir) / EVAL_FOLDER, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
+    run = wandb.init(dir=Path(run_dir) / rundir.EVAL, mode=mode, project=cfg.logger.project, entity=cfg.logger.entity,
                      group=train_id or Path(run_dir).name, name=f"eval-{name}", job_type="eval",
                      tags=list(cfg.logger.tags), config={**OmegaConf.to_container(cfg, resolve=True),
                                                          "train_run_id": train_id, "eval_name": name})

@@ -1,9 +1,10 @@
-"""Wiring: the Hydra task, which plans the run (resnet_lab.resume) and hands it to the trainer
-(resnet_lab.trainer) in this process or in device.world_size spawned ranks."""
+"""Wiring: the Hydra task, which plans the run (resnet_lab.training.resume) and hands it to the trainer
+(resnet_lab.training.trainer) in this process or in device.world_size spawned ranks."""
 
 import contextlib
 import logging
 import pickle
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -15,11 +16,12 @@ from hydra.core.utils import configure_log
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint, distributed, resume, runlock
-from resnet_lab.config import objective, register_configs, validate
+from resnet_lab import distributed, rundir
+from resnet_lab.config import register_configs, returned, validate
 from resnet_lab.errors import HeldBack, UserError
-from resnet_lab.resume import meaningful
-from resnet_lab.trainer import Trainer
+from resnet_lab.training import resume
+from resnet_lab.training.resume import meaningful
+from resnet_lab.training.trainer import Trainer
 
 log = logging.getLogger("resnet_lab")
 
@@ -27,21 +29,23 @@ register_configs()
 
 
 def job_identity(run_dir: Path) -> Tuple[Optional[str], str]:
-    """(W&B group, W&B name): the sweep folder and the job's overrides, when Hydra runs this job."""
+    """(W&B group, W&B name): the sweep's (rundir.sweep_group) and the job's overrides, when Hydra
+    runs this job."""
     run_dir = Path(run_dir).resolve()
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         # Only Hydra's current job may take its identity: train() can be called with any folder.
         if Path(hydra.runtime.output_dir).resolve() == run_dir:
-            group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+            group = rundir.sweep_group(Path(hydra.sweep.dir)) if hydra.mode == RunMode.MULTIRUN else None
             # Sorted, as in Hydra's override_dirname.
             return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
     return None, run_dir.name
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as cfg says, writing into run_dir; returns the final value of its objective
-    (config.objective: the validation accuracy when a split is held out, else the test accuracy).
+    """Train as cfg says, writing into run_dir; returns its objective at the epoch it is judged by
+    (config.returned: the best validation accuracy when a split is held out, else the last test
+    accuracy).
 
     As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
     every batch under DDP, and only rank 0 writes and reports.
@@ -53,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             log.setLevel(logging.ERROR)  # rank 0 speaks for all
         plan = resume.plan(Path(run_dir), cfg)
         if plan.action == "finished":
-            return plan.state["metrics"][objective(cfg)]
+            return returned(cfg, plan.state["best_acc"], plan.state["metrics"])
         return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir)).run()
 
 
@@ -77,13 +81,15 @@ def hydra_record(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    HeldBack.single_run = HydraConfig.get().mode == RunMode.RUN
+    if isinstance(sys.stderr, HeldBack):  # python -m resnet_lab's, which tells a single run's error from a sweep's
+        single = HydraConfig.get().mode == RunMode.RUN
+        sys.stderr.job(single, None if single else Path(HydraConfig.get().sweep.dir))
     ranks = distributed.from_env()
     # One run in the folder at a time (a submitit job's tasks make their process group here to
     # learn whether rank 0 holds it). Rank 0's alone: under torchrun the other ranks write no
     # Hydra record (resnet_lab/__main__.py).
-    with distributed.process_group(ranks), runlock.held(run_dir, ranks.is_main, hydra_record(cfg)), \
-            checkpoint.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
+    with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
+            rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
         return launch(cfg, run_dir, ranks)
 
 

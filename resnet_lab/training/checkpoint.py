@@ -14,82 +14,23 @@ file until it is replaced, and the old file goes only after), and lets `best.pt`
 the optimizer state once.
 """
 
-import contextlib
-import errno
 import json
 import os
 import random
 import secrets
 from pathlib import Path
-from typing import Callable, Dict, IO, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import STATUS_FILE
+from resnet_lab.models.weights import differences
+from resnet_lab.rundir import BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
 
-FOLDER = "checkpoints"
-LAST, BEST = "last.pt", "best.pt"
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
         "metrics", "rng", "config", "wandb_run_id")  # and "elapsed" and "features", which older ones lack
-SHOWN = 3  # differing keys named in a message
-# Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
-# the copy of it kept beside the checkpoints: that of the last command that trained.
-HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
-WEIGHTS_PREFIX = "weights-"
-
-
-def _os_error(e: BaseException) -> Optional[OSError]:
-    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over path: a kill at
-    any moment leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the folder is synced.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _remedy(cause: OSError, folder: Path) -> str:
-    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space"
-    if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"make {folder} writable"
-    return f"check {folder}"
-
-
-def write_file(path: Path, write: Callable[[IO[bytes]], None], after: str = "") -> None:
-    """_atomic_write, with a failed write (a full disk, a read-only folder) as one line for the
-    user; `after`: what to do then."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, write)
-    except Exception as e:
-        cause = _os_error(e)
-        if cause is None:
-            raise
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise UserError(f"could not write {path} ({cause.strerror or cause}); {kept}; "
-                        f"{_remedy(cause, path.parent)}{after}") from e
 
 
 def rng_states(device: torch.device) -> Dict:
@@ -113,7 +54,7 @@ def set_rng_states(states: Dict, device: torch.device) -> None:
 def load(path: Path) -> Dict:
     if not path.is_file():
         raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a run's "
-                        f"{FOLDER}/{LAST}, or trainer.resume=none to start afresh")
+                        f"{CHECKPOINTS}/{LAST}, or trainer.resume=none to start afresh")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
@@ -122,14 +63,15 @@ def load(path: Path) -> Dict:
         # does not apply here.
         detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
         detail = detail[:160]
+        beside = [path.parent / name for name in (BEST, EMA) if (path.parent / name).is_file()]
+        weights = f", or from the weights beside it with model.init={beside[0]}" if beside else ""
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
                         f"resume from another one with trainer.resume=<path>, start afresh with "
-                        f"trainer.resume=none, or from the best weights with model.init=<the {BEST} "
-                        f"beside it>") from e
+                        f"trainer.resume=none{weights}") from e
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
-                        f"give the path of a {FOLDER}/{LAST}")
+                        f"give the path of a {CHECKPOINTS}/{LAST}")
     if isinstance(state["model"], str):  # the name of its weights file (older checkpoints hold them)
         state["weights_file"] = path.parent / state["model"]
         state["model"] = _load_weights(state["weights_file"], path)
@@ -146,8 +88,6 @@ def _load_weights(weights: Path, path: Path) -> Dict:
 
 
 def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict) -> None:
-    from resnet_lab.models.weights import differences
-
     problems = differences(model, saved)
     if problems:
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); it was saved "
@@ -170,7 +110,7 @@ def keep_epochs(metrics_file: Path, done: int) -> None:
 
     rows = [line for line in lines if kept(line)]
     if rows != lines:
-        _atomic_write(metrics_file, lambda f: f.write("".join(rows).encode()))
+        atomic_write(metrics_file, lambda f: f.write("".join(rows).encode()))
 
 
 def _link(source: Path, target: Path) -> bool:
@@ -195,9 +135,11 @@ def cpu_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 class Checkpointer:
     """Saves one run's training state into <run_dir>/checkpoints and restores it from a file."""
 
-    def __init__(self, run_dir: Path, cfg, model, optimizer, scheduler, scaler, device: torch.device):
-        self.folder = run_dir / FOLDER
-        self.cfg, self.device = cfg, device
+    def __init__(self, run_dir: Path, cfg, model, optimizer, scheduler, scaler, device: torch.device,
+                 best_of_ema: bool = False):
+        """best_of_ema: best.pt holds the EMA's weights (the objective is the EMA's)."""
+        self.folder = run_dir / CHECKPOINTS
+        self.cfg, self.device, self.best_of_ema = cfg, device, best_of_ema
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.record_kept = False
         self.weights: Optional[Path] = None  # the weights file of the last checkpoint written or restored
@@ -233,8 +175,17 @@ class Checkpointer:
         for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
             if old != new:
                 old.unlink(missing_ok=True)
+        after = f"; {LAST} was written: run again to resume"
+        if "ema" in state["features"]:
+            # The average's weights as a state dict of their own, for evaluate, export and model.init.
+            ema = {k: v.detach().cpu() for k, v in state["features"]["ema"]["weights"].items()}
+            write_file(self.folder / EMA, lambda f: torch.save(ema, f), after=after)
         if best:
-            self.publish(self.folder / BEST, after=f"; {LAST} was written: run again to resume")
+            if self.best_of_ema:
+                if not _link(self.folder / EMA, self.folder / BEST):
+                    write_file(self.folder / BEST, lambda f: torch.save(ema, f), after=after)
+            else:
+                self.publish(self.folder / BEST, after=after)
         if not self.record_kept:  # Hydra's record stays the same while the job runs
             keep_hydra_record(self.folder.parent)
             self.record_kept = True
@@ -267,41 +218,3 @@ class Checkpointer:
         others = state.get("rng_ranks", [])
         if rank == 0 or rank <= len(others):
             set_rng_states(state["rng"] if rank == 0 else others[rank - 1], self.device)
-
-
-def _copy_record(source: Path, target: Path) -> None:
-    """The .yaml files of one record folder over another's, each whole or not at all; one that
-    fails costs only this convenience, never the run or its own error."""
-    try:
-        target.mkdir(exist_ok=True)
-        for path in source.glob("*.yaml"):
-            _atomic_write(target / path.name, lambda f: f.write(path.read_bytes()))
-    except OSError:
-        pass
-
-
-def keep_hydra_record(run_dir: Path) -> None:
-    """Copy Hydra's record of the command training now beside its checkpoints."""
-    if (run_dir / HYDRA_RECORD).is_dir():
-        _copy_record(run_dir / HYDRA_RECORD, run_dir / FOLDER / KEPT_RECORD)
-
-
-def _stamp(path: Path):
-    return path.stat().st_mtime_ns if path.exists() else None
-
-
-@contextlib.contextmanager
-def hydra_record_kept(run_dir: Path):
-    """Around a job in its run folder. Hydra rewrites the folder's .hydra record before the job
-    runs, also for a command that then trains nothing (a finished run, a resume into another
-    model, a value out of range): the record would name a command the run never trained with,
-    and `compare` would show it. A job that leaves the status file untouched trained nothing,
-    so the record of the last command that did comes back. Relies on: Hydra writes the record
-    before the job runs (tests/test_hydra_contract.py)."""
-    status, kept = run_dir / STATUS_FILE, run_dir / FOLDER / KEPT_RECORD
-    before = _stamp(status)
-    try:
-        yield
-    finally:
-        if _stamp(status) == before and kept.is_dir() and (run_dir / HYDRA_RECORD).is_dir():
-            _copy_record(kept, run_dir / HYDRA_RECORD)

@@ -10,6 +10,7 @@ from typing import Dict, List
 import torch
 
 from resnet_lab import distributed
+from resnet_lab.rundir import write_file
 
 
 class Confusion:
@@ -97,8 +98,6 @@ def json_bytes(obj: Dict) -> bytes:
 def write_all(folder: Path, name: str, result: Dict, title: str) -> List[Path]:
     """<name>.json, <name>_confusion.csv and <name>_confusion.png in folder, each whole or not
     at all."""
-    from resnet_lab.checkpoint import write_file
-
     matrix, classes = result["confusion_matrix"], result["classes"]
     files = {f"{name}.json": json_bytes(result), f"{name}_confusion.csv": csv_text(matrix, classes).encode(),
              f"{name}_confusion.png": heatmap_png(matrix, classes, title)}

@@ -12,9 +12,10 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import checkpoint
+from resnet_lab import rundir
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import read_status
+from resnet_lab.rundir import read_status
+from resnet_lab.training import checkpoint
 
 log = logging.getLogger("resnet_lab")
 
@@ -62,16 +63,16 @@ def meaningful(overrides: Sequence[str], also: Sequence[str] = ()) -> List[str]:
     return keep
 
 
-def _flat(node, prefix: str = "") -> Dict:
+def flat(node, prefix: str = "") -> Dict:
     if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
+        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
 def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]:
     """`key=now (checkpoint: then)` for each setting that differs from the checkpoint's; with
     shared_only, among the keys both have (a checkpoint from before a key existed lacks it)."""
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved_cfg)
+    now, then = flat(OmegaConf.to_container(cfg, resolve=True)), flat(saved_cfg)
     keys = now.keys() & then.keys() if shared_only else now.keys() | then.keys()
     return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(keys)
             if k != "trainer.resume" and now.get(k) != then.get(k)]
@@ -79,13 +80,13 @@ def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]
 
 def to_resume(resume: str, run_dir: Path) -> Optional[Path]:
     """The checkpoint that trainer.resume names for this run folder, or None to start afresh."""
-    last = run_dir / checkpoint.FOLDER / checkpoint.LAST
+    last = rundir.last(run_dir)
     if resume == "auto":
         return last if last.exists() else None
     if resume == "none":
         if last.exists():
-            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({checkpoint.FOLDER}/"
-                            f"{checkpoint.LAST}) that a fresh start would overwrite; set hydra.run.dir to "
+            raise UserError(f"trainer.resume=none: {run_dir} already holds a run ({rundir.CHECKPOINTS}/"
+                            f"{rundir.LAST}) that a fresh start would overwrite; set hydra.run.dir to "
                             f"another folder, or continue it with trainer.resume=auto")
         return None
     return Path(resume).expanduser()
@@ -97,7 +98,7 @@ def plan(run_dir: Path, cfg: DictConfig) -> Plan:
     if path is None:
         return Plan("fresh")
     state = checkpoint.load(path)
-    own = path.resolve() == (run_dir / checkpoint.FOLDER / checkpoint.LAST).resolve()
+    own = path.resolve() == (rundir.last(run_dir)).resolve()
     if _finished(state, path, own, run_dir, cfg):
         return Plan("finished", path, state, own)
     _check_carries_over(state["config"], cfg, path)
