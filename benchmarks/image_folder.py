@@ -2,7 +2,7 @@
 and with --decoders, the image decoders side by side.
 
     python benchmarks/image_folder.py --root DATA_ROOT --pngs DIR [--device cpu|cuda] [--steps N] [--json FILE]
-    python benchmarks/image_folder.py --root DATA_ROOT --pngs DIR --decoders [--rounds N] [--json FILE]
+    python benchmarks/image_folder.py --root DATA_ROOT --pngs DIR --decoders [--rounds N] [--files N] [--json FILE]
 
 Fashion-MNIST from DATA_ROOT (FashionMNIST/raw/*-ubyte) is written out once as PNGs into DIR
 (benchmarks/fashion_mnist_pngs.py), then ResNet-18 trains on it as
@@ -20,7 +20,8 @@ ratios to idx, the start-up seconds (data and model built) of each, and how busy
   torchcodec      resnet_lab.data.images.decode, which decodes with TorchCodec
   PIL             Image.open(path).convert(mode), then to a tensor
 on 28x28 grey PNGs (Fashion-MNIST's) and on 500x375 colour PNGs and JPEGs (quality 90) tiled
-from them, the decoders taking turns in rounds; the report gives the median microseconds.
+from them, the decoders taking turns in rounds; the report gives the median microseconds, and
+whether the three gave the same pixels for every file.
 """
 
 import argparse
@@ -47,7 +48,6 @@ from throughput import (  # noqa: E402
 
 PIPELINES = ("idx", "cached", "streaming")
 DECODERS = ("torchvision.io", "torchcodec", "PIL")
-DECODE_FILES = 200  # images of each kind, decoded once per decoder per round
 
 
 def overrides(args, name: str, cache_dir: str) -> list:
@@ -139,17 +139,17 @@ def decoders():
     return dict(zip(DECODERS, (torchvision_io, decode, pil)))
 
 
-def decode_files(pngs: Path, folder: Path) -> dict:
-    """kind -> (paths, channels): the first Fashion-MNIST test PNGs, and colour PNGs and JPEGs
-    of 500x375 tiled from them (three images a pixel's channels), written into `folder`."""
+def decode_files(pngs: Path, folder: Path, n_files: int) -> dict:
+    """kind -> (paths, channels): the first `n_files` Fashion-MNIST test PNGs, and as many colour
+    PNGs and JPEGs of 500x375 tiled from them (three images a pixel's channels), in `folder`."""
     import numpy as np
     from PIL import Image
 
-    small = sorted(str(p) for p in (pngs / "test").rglob("*.png"))[:DECODE_FILES]
+    small = sorted(str(p) for p in (pngs / "test").rglob("*.png"))[:n_files]
     grey = np.stack([np.asarray(Image.open(p)) for p in small])
     rows, cols = -(-375 // 28), -(-500 // 28)
     files = {"28x28 grey PNG": (small, 1), "500x375 colour PNG": ([], 3), "500x375 colour JPEG": ([], 3)}
-    for n in range(DECODE_FILES):
+    for n in range(len(small)):
         picks = [(n * 3 + c + np.arange(rows * cols)) % len(grey) for c in range(3)]
         planes = [grey[i].reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28)
                   for i in picks]
@@ -171,8 +171,11 @@ def measure_decoders(args) -> dict:
     conditions = watch_conditions()
     folder = Path(tempfile.mkdtemp(prefix="image_folder_decode_"))
     try:
-        files, decode = decode_files(Path(args.pngs), folder), decoders()
+        files, decode = decode_files(Path(args.pngs), folder, args.files), decoders()
         us = {kind: {name: [] for name in DECODERS} for kind in files}
+        same = {kind: all(all(torch.equal(decode[name](path, channels), decode["PIL"](path, channels))
+                              for name in DECODERS) for path in paths)
+                for kind, (paths, channels) in files.items()}
         for r in range(args.rounds + 1):  # round 0 warms the caches up, unmeasured
             order = DECODERS[r % len(DECODERS):] + DECODERS[:r % len(DECODERS)]
             for kind, (paths, channels) in files.items():
@@ -188,10 +191,11 @@ def measure_decoders(args) -> dict:
         "device_name": device_name("cpu"),
         "torch": torch.__version__, "torchvision": __import__("torchvision").__version__,
         "torchcodec": __import__("torchcodec").__version__, "pillow": __import__("PIL").__version__,
-        "files": DECODE_FILES, "rounds": args.rounds,
+        "files": args.files, "rounds": args.rounds,
         "conditions": conditions(),
         "us_per_image": {kind: {n: statistics.median(v) for n, v in by.items()} for kind, by in us.items()},
         "us_per_image_rounds": us,
+        "same_pixels": same,
     }
 
 
@@ -199,10 +203,12 @@ def report_decoders(out: dict) -> str:
     lines = [f"{out['device_name']}, one thread; torchvision {out['torchvision']}, torchcodec "
              f"{out['torchcodec']}, Pillow {out['pillow']}; {out['files']} files a kind, "
              f"{out['rounds']} rounds (median us per image)",
-             f"{'':<20}" + "".join(f"{n:>15}" for n in DECODERS) + f"{'torchcodec/torchvision.io':>27}"]
+             f"{'':<20}" + "".join(f"{n:>15}" for n in DECODERS) + f"{'torchcodec/torchvision.io':>27}"
+             + f"{'same pixels':>13}"]
     for kind, by in out["us_per_image"].items():
         lines.append(f"{kind:<20}" + "".join(f"{by[n]:>15.1f}" for n in DECODERS)
-                     + f"{by['torchcodec'] / by['torchvision.io']:>27.3f}")
+                     + f"{by['torchcodec'] / by['torchvision.io']:>27.3f}"
+                     + f"{'yes' if out['same_pixels'][kind] else 'NO':>13}")
     lines.append(conditions_line(out["conditions"]))
     return "\n".join(lines)
 
@@ -220,6 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="dataset.num_workers of the image_folder runs")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--decoders", action="store_true", help="time the image decoders instead")
+    p.add_argument("--files", type=int, default=200, help="--decoders: images of each kind")
     p.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
