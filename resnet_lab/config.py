@@ -12,18 +12,40 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture
-from resnet_lab.models import check as check_architecture
+from resnet_lab.models import MODELS, Architecture, check_config as check_model
 
 
 @dataclass
-class ModelConfig(Architecture):
-    # Each option of the model group is a variant's architecture (models/resnet.py), stored by
-    # register_configs; a model.* override changes one knob of it.
+class ModelConfig:
+    """What every option of the model group has; each kind's schema adds its own keys."""
+
     name: str = MISSING
-    # Start from these weights rather than at random: a state dict file (torchvision's names), a
-    # run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a run folder (resnet_lab.models.weights).
+    # Start from these weights rather than at random: a state dict file (torchvision's or timm's
+    # names, .safetensors too), a run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a
+    # run folder (resnet_lab.models.weights).
     init: Optional[str] = None
+
+
+@dataclass
+class ResNetConfig(ModelConfig, Architecture):
+    # Each resnet_lab variant is an option of the model group, its architecture (models/resnet.py)
+    # stored by register_configs; a model.* override changes one knob of it.
+    pass
+
+
+@dataclass
+class TimmModelConfig(ModelConfig):
+    """model=timm: model.name is any timm model (models/external.py); keys added to model
+    (+model.drop_path_rate=0.1) are timm.create_model's keyword arguments."""
+
+
+@dataclass
+class TargetModelConfig(ModelConfig):
+    """model=target: the nn.Module class at model._target_; keys added to model (+model.depth=3)
+    are its keyword arguments."""
+
+    _target_: str = MISSING
+    name: str = "${._target_}"
 
 
 @dataclass
@@ -214,9 +236,13 @@ class Config:
     seed: int = 0
 
 
-def model_config(name: str) -> ModelConfig:
+def model_config(name: str) -> ResNetConfig:
     """The model group's option `name`: the variant's architecture."""
-    return ModelConfig(name=name, **asdict(MODELS.get(name).architecture))
+    return ResNetConfig(name=name, **asdict(MODELS.get(name).architecture))
+
+
+# The model group's options beside resnet_lab's variants: models built elsewhere.
+EXTERNAL_MODELS = {"timm": TimmModelConfig, "target": TargetModelConfig}
 
 
 def register_configs() -> None:
@@ -226,6 +252,8 @@ def register_configs() -> None:
         store.store(group="schema/dataset", name=kind, node=schema)
     for name in MODELS.names():
         store.store(group="model", name=name, node=model_config(name))
+    for name, schema in EXTERNAL_MODELS.items():
+        store.store(group="model", name=name, node=schema)
 
 
 CHOICES = {
@@ -248,6 +276,8 @@ BOUNDS = {
     "optim.backbone_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
+    "sched.gamma": (0, False),  # above 1 is allowed (a warm restart by hand); 0 or below is not a rate
+    "seed": (0, True),
     "device.world_size": (1, True),
     "trainer.epochs": (1, True),
     "trainer.batch_size": (1, True),
@@ -280,7 +310,9 @@ UNIT_RANGE = {
     "dataset.erase_prob": True,
     "dataset.mix_prob": True,
     "dataset.switch_prob": True,
+    "sched.pct_start": False,
 }
+SEEDS = 2 ** 32  # numpy's seeds are below this
 
 
 def _floats(node: Any, prefix: str = ""):
@@ -384,12 +416,23 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _check_finite(cfg)
     _check_table(cfg)
     _check_cache(cfg)
-    check_architecture(architecture(cfg.model))
+    check_model(cfg.model)
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
             f"trainer.epochs={cfg.trainer.epochs}"
         )
+    if cfg.seed >= SEEDS:
+        raise UserError(f"seed={cfg.seed}: must be < {SEEDS} (2**32, the seeds numpy takes)")
+    if not 0 < cfg.sched.warmup_start_factor <= 1:
+        raise UserError(f"sched.warmup_start_factor={cfg.sched.warmup_start_factor}: must be in (0, 1] "
+                        f"(the warmup's first rate, as a fraction of optim.lr)")
+    if cfg.sched.pct_start == 0:
+        raise UserError(f"sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1) (the decay rates of Adam's "
+                        f"gradient and squared-gradient averages, e.g. [0.9,0.999])")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):

@@ -73,6 +73,17 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
     (["optim.weight_decay=-inf"], ["optim.weight_decay=-inf: must be a finite number"]),
     (["optim.betas=[0.9,nan]"], ["optim.betas=[0.9, nan]: must be a finite number"]),
     (["sched=step", "sched.gamma=nan"], ["sched.gamma=nan: must be a finite number"]),
+    # Ranges of the schedule, the seed and the betas (each trained or failed in a traceback before).
+    (["sched=step", "sched.gamma=-1"], ["sched.gamma=-1.0: must be > 0"]),
+    (["sched=step", "sched.gamma=0"], ["sched.gamma=0.0: must be > 0"]),
+    (["sched=cosine", "sched.min_lr=-1"], ["sched.min_lr=-1.0: must be >= 0"]),
+    (["sched=onecycle", "sched.pct_start=1.5"], ["sched.pct_start=1.5: must be in [0, 1)"]),
+    (["sched=onecycle", "sched.pct_start=0"], ["sched.pct_start=0.0: must be in (0, 1)"]),
+    (["sched.warmup_start_factor=-1"], ["sched.warmup_start_factor=-1.0: must be in (0, 1]"]),
+    (["seed=-1"], ["seed=-1: must be >= 0"]),
+    (["seed=4294967296"], ["seed=4294967296: must be < 4294967296"]),
+    (["optim.betas=[0.9]"], ["optim.betas=[0.9]: must be two numbers in [0, 1)"]),
+    (["optim.betas=[0.9,1.5]"], ["optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)"]),
     (["hydra.run.dir=/tmp/ünïcödé_日本"], ["LexerNoViableAltException", "beyond ASCII only in a quoted value",
                                           "'hydra.run.dir=\"/tmp/ünïcödé_日本\"'"]),
 ])

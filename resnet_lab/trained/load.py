@@ -8,10 +8,11 @@ one key, `dataset=cifar10 dataset.root=...` replaces the run's dataset by the pa
 (another data set, which must have the run's classes).
 """
 
+import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hydra import compose, initialize_config_module
@@ -24,6 +25,7 @@ from resnet_lab.config import DATASET_KINDS, DatasetConfig, register_configs, va
 from resnet_lab.data import Data, build_data
 from resnet_lab.errors import UserError, describe
 from resnet_lab.models import build_model, weights
+from resnet_lab.training import checkpoint
 
 # The last checkpoint's weights, the best epoch's (best.pt), the EMA's at the last checkpoint
 # (ema.pt); or the path of a weights file.
@@ -136,11 +138,15 @@ def _short(classes: List[str]) -> str:
     return "[" + ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "") + "]"
 
 
-def _saved_classes(run_dir: Path):
-    """The class names the run trained with (eval/final.json), if it wrote them."""
-    import json
-
-    final = run_dir / "eval" / "final.json"
+def _saved_classes(run_dir: Path) -> Optional[List[str]]:
+    """The class names the run trained with: its last checkpoint's, or its final report's (a
+    checkpoint from before they were kept there); None where neither has them."""
+    last = rundir.last(run_dir)
+    if last.is_file():
+        classes = checkpoint.load(last).get("classes")
+        if classes is not None:
+            return classes
+    final = run_dir / rundir.EVAL / rundir.FINAL
     return json.loads(final.read_text())["classes"] if final.is_file() else None
 
 

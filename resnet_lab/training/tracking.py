@@ -167,7 +167,7 @@ class Tracker:
         eval/final_confusion.csv, and W&B's charts of them."""
         report = confusion.report(matrix, classes)
         folder = self.run_dir / rundir.EVAL
-        write_file(folder / "final.json", lambda f: f.write(confusion.json_bytes(report)))
+        write_file(folder / rundir.FINAL, lambda f: f.write(confusion.json_bytes(report)))
         write_file(folder / "final_confusion.csv", lambda f: f.write(confusion.csv_text(matrix, classes).encode()))
         if self.wandb is not None:
             self.wandb.log({"global_step": self.global_step, **confusion.wandb_charts(matrix, classes, "final")})
