@@ -113,14 +113,14 @@ def test_a_run_of_ones_own_model_config_is_loaded_with_the_config_it_trained_wit
     # A model of one's own, named as one likes (not a variant's name), from --config-dir.
     (tmp_path / "my_conf" / "model").mkdir(parents=True)
     own = tmp_path / "my_conf" / "model" / "tiny.yaml"
-    own.write_text("name: tiny\nwidth: 4\nlayers: [1, 1]\nstem: cifar\n")
+    own.write_text("defaults: [resnet18, _self_]\nname: tiny\nwidth: 4\nlayers: [1, 1]\nstem: cifar\n")
     run_dir = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["resnet_lab", "--config-dir", str(tmp_path / "my_conf"), "model=tiny", *SMALL,
                                      "trainer.epochs=1", f"hydra.run.dir={run_dir}"])
     main()
     # Edited after training: the run keeps what it trained with.
-    own.write_text("name: tiny\nwidth: 16\n")
+    own.write_text("defaults: [resnet18, _self_]\nname: tiny\nwidth: 16\n")
     cfg = trained.run_config(run_dir, ["trainer.eval_batch_size=8"])
     assert (cfg.model.name, cfg.model.width, list(cfg.model.layers)) == ("tiny", 4, [1, 1])
     assert cfg.trainer.eval_batch_size == 8 and cfg.dataset.train_size == 64
