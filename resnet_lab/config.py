@@ -12,18 +12,40 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture
-from resnet_lab.models import check as check_architecture
+from resnet_lab.models import MODELS, Architecture, check_config as check_model
 
 
 @dataclass
-class ModelConfig(Architecture):
-    # Each option of the model group is a variant's architecture (models/resnet.py), stored by
-    # register_configs; a model.* override changes one knob of it.
+class ModelConfig:
+    """What every option of the model group has; each kind's schema adds its own keys."""
+
     name: str = MISSING
-    # Start from these weights rather than at random: a state dict file (torchvision's names), a
-    # run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a run folder (resnet_lab.models.weights).
+    # Start from these weights rather than at random: a state dict file (torchvision's or timm's
+    # names, .safetensors too), a run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a
+    # run folder (resnet_lab.models.weights).
     init: Optional[str] = None
+
+
+@dataclass
+class ResNetConfig(ModelConfig, Architecture):
+    # Each resnet_lab variant is an option of the model group, its architecture (models/resnet.py)
+    # stored by register_configs; a model.* override changes one knob of it.
+    pass
+
+
+@dataclass
+class TimmModelConfig(ModelConfig):
+    """model=timm: model.name is any timm model (models/external.py); keys added to model
+    (+model.drop_path_rate=0.1) are timm.create_model's keyword arguments."""
+
+
+@dataclass
+class TargetModelConfig(ModelConfig):
+    """model=target: the nn.Module class at model._target_; keys added to model (+model.depth=3)
+    are its keyword arguments."""
+
+    _target_: str = MISSING
+    name: str = "${._target_}"
 
 
 @dataclass
@@ -209,9 +231,13 @@ class Config:
     seed: int = 0
 
 
-def model_config(name: str) -> ModelConfig:
+def model_config(name: str) -> ResNetConfig:
     """The model group's option `name`: the variant's architecture."""
-    return ModelConfig(name=name, **asdict(MODELS.get(name).architecture))
+    return ResNetConfig(name=name, **asdict(MODELS.get(name).architecture))
+
+
+# The model group's options beside resnet_lab's variants: models built elsewhere.
+EXTERNAL_MODELS = {"timm": TimmModelConfig, "target": TargetModelConfig}
 
 
 def register_configs() -> None:
@@ -221,6 +247,8 @@ def register_configs() -> None:
         store.store(group="schema/dataset", name=kind, node=schema)
     for name in MODELS.names():
         store.store(group="model", name=name, node=model_config(name))
+    for name, schema in EXTERNAL_MODELS.items():
+        store.store(group="model", name=name, node=schema)
 
 
 CHOICES = {
@@ -370,7 +398,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _check_finite(cfg)
     _check_table(cfg)
     _check_cache(cfg)
-    check_architecture(architecture(cfg.model))
+    check_model(cfg.model)
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "

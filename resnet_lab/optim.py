@@ -7,6 +7,7 @@ from torch import nn, optim
 from torch.optim import lr_scheduler
 
 from resnet_lab.errors import UserError
+from resnet_lab.models import head_prefix
 from resnet_lab.registry import Registry
 
 log = logging.getLogger("resnet_lab")
@@ -39,15 +40,17 @@ def no_decay_names(model: nn.Module) -> List[str]:
 
 
 def param_groups(model: nn.Module, cfg) -> List[Dict]:
-    """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head, fc) apart, at
-    lr times that scale; with cfg.no_decay_norm_bias the norm weights and biases apart, without
-    weight decay. Backbone groups first, then decayed before exempt: schedules scale each
-    group's own rate, and a checkpoint's groups come back in the same order."""
+    """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head: fc, or a timm
+    model's classifier) apart, at lr times that scale; with cfg.no_decay_norm_bias the norm
+    weights and biases apart, without weight decay. Backbone groups first, then decayed before
+    exempt: schedules scale each group's own rate, and a checkpoint's groups come back in the
+    same order."""
     exempt = set(no_decay_names(model)) if cfg.no_decay_norm_bias else set()
     scaled = cfg.backbone_lr_scale != 1
+    head = head_prefix(model)
     split: Dict[tuple, list] = {}
     for name, p in model.named_parameters():
-        split.setdefault((scaled and not name.startswith("fc."), name in exempt), []).append(p)
+        split.setdefault((scaled and not name.startswith(head), name in exempt), []).append(p)
     groups = []
     for backbone, no_decay in sorted(split, key=lambda key: (not key[0], key[1])):
         params = split[backbone, no_decay]
