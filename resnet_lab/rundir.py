@@ -45,6 +45,7 @@ METRICS = "metrics.jsonl"
 # interrupted run from a finished one.
 STATUS = "status"
 EVAL = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
+FINAL = "final.json"  # inside EVAL: the last evaluation's classes, confusion matrix and per-class metrics
 LOCK = ".lock"
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.

@@ -3,6 +3,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,7 +203,7 @@ def test_backbone_lr_scale_trains_the_backbone_slower_than_the_head():
 def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     (empty / ".hydra").mkdir(parents=True)
-    (empty / ".hydra" / "overrides.yaml").write_text((run_dir / ".hydra" / "overrides.yaml").read_text())
+    (empty / ".hydra" / "config.yaml").write_text((run_dir / ".hydra" / "config.yaml").read_text())
     code, _, err = command(evaluate, [empty], monkeypatch, capsys)
     assert code == 2 and err.startswith(f"error: {empty}: no checkpoints/last.pt") and "checkpoint=" in err
     assert sorted(p.name for p in empty.iterdir()) == [".hydra"]
@@ -244,7 +245,11 @@ def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys)
     assert sorted((run_dir / "eval").iterdir()) == before
 
 
-def test_a_data_set_with_other_classes(run_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("final_report", ["kept", "lost"])
+def test_a_data_set_with_other_classes(final_report, run_dir, tmp_path, monkeypatch, capsys):
+    if final_report == "lost":  # eval/final.json, lost to a kill or a full disk: last.pt knows the classes
+        run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))
+        (run_dir / "eval" / "final.json").unlink()
     other = write_images(tmp_path / "other", classes=[f"z{i}" for i in range(6)])
     code, _, err = command(evaluate, [run_dir, f"dataset.root={other}", "name=z"], monkeypatch, capsys)
     assert code == 2 and "its classes [z0, z1" in err and "are not the run's [k0, k1" in err
