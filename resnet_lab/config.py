@@ -12,18 +12,40 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture
-from resnet_lab.models import check as check_architecture
+from resnet_lab.models import MODELS, Architecture, check_config as check_model
 
 
 @dataclass
-class ModelConfig(Architecture):
-    # Each option of the model group is a variant's architecture (models/resnet.py), stored by
-    # register_configs; a model.* override changes one knob of it.
+class ModelConfig:
+    """What every option of the model group has; each kind's schema adds its own keys."""
+
     name: str = MISSING
-    # Start from these weights rather than at random: a state dict file (torchvision's names), a
-    # run's model.pt or best.pt, or a run folder (resnet_lab.models.weights).
+    # Start from these weights rather than at random: a state dict file (torchvision's or timm's
+    # names, .safetensors too), a run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a
+    # run folder (resnet_lab.models.weights).
     init: Optional[str] = None
+
+
+@dataclass
+class ResNetConfig(ModelConfig, Architecture):
+    # Each resnet_lab variant is an option of the model group, its architecture (models/resnet.py)
+    # stored by register_configs; a model.* override changes one knob of it.
+    pass
+
+
+@dataclass
+class TimmModelConfig(ModelConfig):
+    """model=timm: model.name is any timm model (models/external.py); keys added to model
+    (+model.drop_path_rate=0.1) are timm.create_model's keyword arguments."""
+
+
+@dataclass
+class TargetModelConfig(ModelConfig):
+    """model=target: the nn.Module class at model._target_; keys added to model (+model.depth=3)
+    are its keyword arguments."""
+
+    _target_: str = MISSING
+    name: str = "${._target_}"
 
 
 @dataclass
@@ -120,6 +142,11 @@ class SchedConfig:
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
+    # onecycle: also cycle the optimizer's momentum (SGD) or beta1 (Adam, AdamW) against the lr,
+    # from momentum_range's high end at the start and end to its low end at the peak
+    # (OneCycleLR's cycle_momentum); false: they stay optim.momentum and optim.betas[0].
+    cycle_momentum: bool = False
+    momentum_range: List[float] = field(default_factory=lambda: [0.85, 0.95])
 
 
 @dataclass
@@ -156,8 +183,11 @@ class TrainerConfig:
     # One update from the gradients of this many batches of batch_size: the update of a
     # batch this many times larger.
     accumulate: int = 1
-    # The value the run returns (what a sweeper optimises) and best.pt keeps the best of; auto:
-    # val_acc when dataset.val_fraction holds out a split, else test_acc.
+    # The metric a run is judged by. With a validation split (auto: val_acc) the run chooses its
+    # best epoch on it: best.pt, the value it returns to a sweeper, and every "best" in its
+    # records are that epoch's. Without one (auto: test_acc) it chooses no epoch: it returns the
+    # last epoch's test accuracy and writes no best.pt. Naming a test metric here chooses the
+    # best epoch on the test split, with a warning: that accuracy is then an optimistic estimate.
     objective: str = "auto"
     # Evaluate each image and its mirror image, and average their logits (test-time augmentation).
     tta: bool = False
@@ -216,9 +246,13 @@ class Config:
     seed: int = 0
 
 
-def model_config(name: str) -> ModelConfig:
+def model_config(name: str) -> ResNetConfig:
     """The model group's option `name`: the variant's architecture."""
-    return ModelConfig(name=name, **asdict(MODELS.get(name).architecture))
+    return ResNetConfig(name=name, **asdict(MODELS.get(name).architecture))
+
+
+# The model group's options beside resnet_lab's variants: models built elsewhere.
+EXTERNAL_MODELS = {"timm": TimmModelConfig, "target": TargetModelConfig}
 
 
 def register_configs() -> None:
@@ -228,6 +262,8 @@ def register_configs() -> None:
         store.store(group="schema/dataset", name=kind, node=schema)
     for name in MODELS.names():
         store.store(group="model", name=name, node=model_config(name))
+    for name, schema in EXTERNAL_MODELS.items():
+        store.store(group="model", name=name, node=schema)
 
 
 CHOICES = {
@@ -250,6 +286,8 @@ BOUNDS = {
     "optim.backbone_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
+    "sched.gamma": (0, False),  # above 1 is allowed (a warm restart by hand); 0 or below is not a rate
+    "seed": (0, True),
     "device.world_size": (1, True),
     "trainer.epochs": (1, True),
     "trainer.batch_size": (1, True),
@@ -283,7 +321,9 @@ UNIT_RANGE = {
     "dataset.erase_prob": True,
     "dataset.mix_prob": True,
     "dataset.switch_prob": True,
+    "sched.pct_start": False,
 }
+SEEDS = 2 ** 32  # numpy's seeds are below this
 
 
 def _floats(node: Any, prefix: str = ""):
@@ -323,6 +363,15 @@ def _check_table(cfg: Any) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
 
 
+def _check_cycle_momentum(sched: Any) -> None:
+    low_high = list(sched.momentum_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise UserError(f"sched.momentum_range={low_high}: must be [low, high] with 0 <= low <= high < 1")
+    if sched.cycle_momentum and sched.name != "onecycle":
+        raise UserError(f"sched.cycle_momentum=true: only sched=onecycle cycles the momentum (this run has "
+                        f"sched={sched.name}); set sched.cycle_momentum=false")
+
+
 def _check_objective(cfg: Any) -> None:
     """trainer.objective names a metric the run reports."""
     objective = cfg.trainer.objective
@@ -334,12 +383,29 @@ def _check_objective(cfg: Any) -> None:
 
 
 def objective(cfg: Any) -> str:
-    """The metric the run returns and keeps best.pt by (also of a config saved before the keys
-    existed: test_acc)."""
+    """The metric the run is judged by (also of a config saved before the keys existed: test_acc)."""
     chosen = OmegaConf.select(cfg, "trainer.objective", default="auto")
     if chosen == "auto":
         return "val_acc" if OmegaConf.select(cfg, "dataset.val_fraction", default=0.0) else "test_acc"
     return chosen
+
+
+def chooses_best(cfg: Any) -> bool:
+    """Whether the run chooses a best epoch by its objective (trainer.objective says when)."""
+    return objective(cfg).startswith("val") or OmegaConf.select(cfg, "trainer.objective", default="auto") != "auto"
+
+
+def returned(cfg: Any, best_acc: float, metrics: dict) -> float:
+    """What a run returns to its sweeper: its objective at the epoch it is judged by."""
+    return best_acc if chooses_best(cfg) else metrics[objective(cfg)]
+
+
+def chosen_epoch(rows: List[dict], key: str, best: bool) -> Optional[dict]:
+    """The metrics row a run is judged by: the first epoch with the highest `key` when it chooses
+    a best epoch, else the last; None before its first epoch."""
+    if not rows:
+        return None
+    return max(rows, key=lambda row: row.get(key, -math.inf)) if best else rows[-1]
 
 
 def _check_search(cfg: Any) -> None:
@@ -370,16 +436,28 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _check_finite(cfg)
     _check_table(cfg)
     _check_cache(cfg)
-    check_architecture(architecture(cfg.model))
+    check_model(cfg.model)
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
             f"trainer.epochs={cfg.trainer.epochs}"
         )
+    if cfg.seed >= SEEDS:
+        raise UserError(f"seed={cfg.seed}: must be < {SEEDS} (2**32, the seeds numpy takes)")
+    if not 0 < cfg.sched.warmup_start_factor <= 1:
+        raise UserError(f"sched.warmup_start_factor={cfg.sched.warmup_start_factor}: must be in (0, 1] "
+                        f"(the warmup's first rate, as a fraction of optim.lr)")
+    if cfg.sched.pct_start == 0:
+        raise UserError(f"sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1) (the decay rates of Adam's "
+                        f"gradient and squared-gradient averages, e.g. [0.9,0.999])")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):
         raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
+    _check_cycle_momentum(cfg.sched)
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)

@@ -33,24 +33,50 @@ log = logging.getLogger("resnet_lab")
 UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 CHECKPOINTS = "checkpoints"
-LAST, BEST = "last.pt", "best.pt"  # inside CHECKPOINTS: the state to resume from, the best epoch's weights
+# Inside CHECKPOINTS: the state to resume from, and the weights of the best epoch (of its EMA
+# with an EMA objective) when the run chooses one (config.chooses_best).
+LAST, BEST = "last.pt", "best.pt"
+EMA = "ema.pt"  # inside CHECKPOINTS: the EMA of the weights at the last checkpoint (with ema.decay)
 WEIGHTS_PREFIX = "weights-"  # inside CHECKPOINTS: each checkpoint's weights, in a file of their own
 MODEL = "model.pt"  # the final weights
 METRICS = "metrics.jsonl"
+# What the config left to the machine (device.type auto, precision null, ...) as the last part
+# that trained settled it, with the ranks, batches, split sizes and versions (Trainer.runtime_record).
+RUNTIME = "runtime.json"
 # One word: running (from the start), then finished, failed, stopped (by a signal, after
 # writing last.pt), or pruned (a search's pruner stopped it at an epoch's end, after writing
 # last.pt). A run killed outright stays "running", which is how `compare` tells an
 # interrupted run from a finished one.
 STATUS = "status"
 EVAL = "eval"  # the run's final confusion matrix, and what `python -m resnet_lab.evaluate` writes
+FINAL = "final.json"  # inside EVAL: the last evaluation's classes, confusion matrix and per-class metrics
 LOCK = ".lock"
 # Hydra's record of a run's command (hydra.output_subdir, as conf/config.yaml leaves it), and
 # the copy of it kept beside the checkpoints: that of the last command that trained.
 HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
+# In a sweep's folder: the sweep's W&B group, drawn by its first job (sweep_group).
+SWEEP_GROUP = ".wandb_group"
 
 
 def last(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of the sweep in sweep_dir: its folder's name and an id drawn once and kept
+    there, so that every job of the sweep, resumed ones included, shares it and no other sweep
+    does (a fixed hydra.sweep.dir repeats its name on every machine and in every project)."""
+    path = Path(sweep_dir) / SWEEP_GROUP
+    if not path.exists():
+        drawn = path.with_name(f".{SWEEP_GROUP}.{os.getpid()}.tmp")
+        drawn.write_text(f"{Path(sweep_dir).resolve().name}-{os.urandom(4).hex()}\n")
+        try:
+            os.link(drawn, path)  # the first job's draw wins, whole, where jobs start at once
+        except FileExistsError:
+            pass
+        finally:
+            drawn.unlink()
+    return path.read_text().strip()
 
 
 def _os_error(e: BaseException) -> Optional[OSError]:

@@ -105,6 +105,20 @@ def test_empty_image_folder(tmp_path, monkeypatch, capsys):
     assert "no images under" in last and str(tmp_path / "images") in last
 
 
+def test_image_folder_with_one_class_is_named(tmp_path, monkeypatch, capsys):
+    # The root one level too high: root/all/<class>/<image> reads as one class, "all".
+    images = tmp_path / "images"
+    for cls in ("a", "b", "c"):
+        (images / "all" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(images / "all" / cls / f"{i}.png")
+    code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN], tmp_path, monkeypatch, capsys)
+    assert one_line_error(code, err) == (f"error: dataset image_folder: {images} has one class folder, all (it holds "
+                                         f"a, b, c: should dataset.root be {images / 'all'}?); a classifier needs "
+                                         f"at least two (<root>/<class>/<image>)")
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("last.pt"))
+
+
 @pytest.mark.parametrize("where", ["", "train", "test"])
 def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
     images = tmp_path / "images"
@@ -274,7 +288,7 @@ def test_image_that_fails_mid_run_keeps_the_checkpoint(workers, image_run, tmp_p
     bad = images / "test" / "c0" / "1.png"
     truncate_image_data(bad)
     kept = {name: (run_dir / name).read_bytes() for name in
-            ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl")}
+            ("checkpoints/last.pt", "metrics.jsonl")}
     args = [f"dataset.root={images}", "dataset=image_folder", *RUN, "logger=none", "trainer.batch_size=8",
             "trainer.epochs=2", f"dataset.num_workers={workers}", "dataset.cache=false", f"hydra.run.dir={run_dir}"]
     if workers:
@@ -301,7 +315,7 @@ def test_resume_from_a_truncated_checkpoint(run_copy, fmnist_root, tmp_path, mon
     last_pt = run_copy / rundir.CHECKPOINTS / rundir.LAST
     os.truncate(last_pt, last_pt.stat().st_size // 2)
     last = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys)
-    for word in (str(last_pt), "corrupt or truncated", "best.pt", "trainer.resume=none"):
+    for word in (str(last_pt), "corrupt or truncated", "trainer.resume=none"):
         assert word in last
 
 

@@ -25,14 +25,14 @@ def stored_bytes(folder: Path) -> int:
 
 def test_a_run_keeps_at_most_half_of_what_full_copies_took(fmnist_root, tmp_path):
     train(tiny_cfg(f"dataset.root={fmnist_root}", "model.width=16", "trainer.epochs=1",
-                   "trainer.limit_train_batches=4", "logger=none"), tmp_path)
+                   "trainer.limit_train_batches=4", "logger=none", "dataset.val_fraction=0.2"), tmp_path)
     weights = (tmp_path / "model.pt").stat().st_size
     last = (tmp_path / rundir.CHECKPOINTS / rundir.LAST).stat().st_size
     # Before: last.pt and best.pt each held the weights and Adam's two moments, plus model.pt.
     before = 2 * 3 * weights + weights
     assert stored_bytes(tmp_path) <= before / 2
     assert last < 2.2 * weights  # Adam's moments, without the weights
-    # best.pt (the one epoch is the best) and model.pt are the last checkpoint's weights file.
+    # best.pt (the one epoch is the best on validation) and model.pt are the last checkpoint's weights file.
     state = checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)
     for name in ("model.pt", f"{rundir.CHECKPOINTS}/{rundir.BEST}"):
         assert os.path.samefile(tmp_path / name, state["weights_file"])

@@ -5,6 +5,8 @@ trial (tests/test_search.py has the rest of it), joblib."""
 import pytest
 import yaml
 
+from resnet_lab import rundir
+from resnet_lab.training.tracking import wandb_key
 from tests.launch import LRS, multirun
 from tests.runs import metrics
 from tests.wandb_file import read_run
@@ -18,7 +20,9 @@ def test_each_job_of_a_multirun_is_its_own_wandb_run(grid_sweep):
         run = read_run(run_dir)
         ids.add(run.run.run_id)
         assert run.exit_code == 0
-        assert run.run.run_group == str(sweep)
+        # One group for the sweep's jobs: its folder's name and an id of its own.
+        assert run.run.run_group == (sweep / ".wandb_group").read_text().strip()
+        assert run.run.run_group.startswith(f"{sweep.name}-") and len(run.run.run_group) == len(sweep.name) + 9
         # Hydra's override_dirname (its own value formatting), without logger.*, dataset.root, ...
         assert run.run.display_name == (f"device.precision=fp32,device=cpu,model.width=8,optim.lr={lr},trainer.batch_size=64,"
                                         "trainer.epochs=1,trainer.eval_batch_size=$\\{trainer.batch_size\\},"
@@ -30,11 +34,11 @@ def test_each_job_of_a_multirun_is_its_own_wandb_run(grid_sweep):
         assert run.config["model"] == yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]
         rows = metrics(run_dir)
         epochs = [h for h in run.history if "epoch" in h]
-        assert [{k: h[k] for k in rows[0]} for h in epochs] == rows
+        assert [{k: h[wandb_key(k)] for k in rows[0]} for h in epochs] == rows
         # 320 images in batches of 64: 5 steps; the loss is read every 2nd step.
-        assert [h["global_step"] for h in run.history if "train_loss_step" in h] == [2, 4]
+        assert [h["global_step"] for h in run.history if "train/loss_step" in h] == [2, 4]
         assert epochs[0]["global_step"] == 5
-        assert run.summary["final_test_acc"] == rows[-1]["test_acc"] == run.summary["best_test_acc"]
+        assert run.summary["final/test_acc"] == rows[-1]["test_acc"] and "best/test_acc" not in run.summary
         assert run.summary["params"] > 0 and run.summary["total_seconds"] > 0
         assert (run_dir / "status").read_text().strip() == "finished"
     assert len(ids) == 3
@@ -104,7 +108,17 @@ def test_optuna_sweep_survives_a_diverging_trial(tmp_path, fmnist_root, capsys):
     assert result["best_params"]["optim.lr"] in finite
     best_dir = runs[result["best_params"]["optim.lr"]]
     assert result["best_run"] == str(best_dir)
-    assert f"best run: {best_dir}  final val acc {result['best_value']:.4f}" in out
+    assert f"best run: {best_dir}  best val acc {result['best_value']:.4f} at epoch 1" in out
+
+
+def test_two_sweeps_in_folders_of_one_name_get_groups_of_their_own(tmp_path):
+    first, second = tmp_path / "a" / "lr_search", tmp_path / "b" / "lr_search"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    group = rundir.sweep_group(first)
+    assert rundir.sweep_group(first) == group  # its jobs, and the sweep resumed, share it
+    assert rundir.sweep_group(second) != group and rundir.sweep_group(second).startswith("lr_search-")
+    assert sorted(p.name for p in first.iterdir()) == [".wandb_group"]
 
 
 def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root):
@@ -116,7 +130,7 @@ def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root
     assert [r.config["optim"]["lr"] for r in runs] == [1e-3, 2e-3]
     assert runs[0].run.run_id != runs[1].run.run_id
     for job, run in enumerate(runs):
-        assert [h["test_acc"] for h in run.history if "epoch" in h] == [m["test_acc"] for m in metrics(sweep / str(job))]
+        assert [h["test/acc"] for h in run.history if "epoch" in h] == [m["test_acc"] for m in metrics(sweep / str(job))]
 
 
 @pytest.mark.parametrize("preset", ["d2l_fashion_mnist", "cifar10_resnet56"])

@@ -51,8 +51,10 @@ def test_single_run_is_named_after_its_folder_and_keeps_its_weights(fmnist_root,
     rows = metrics(run_dir)
     assert run.exit_code == 0 and run.run.display_name == "my-run" and run.run.run_group == ""
     assert [h["epoch"] for h in run.history if "epoch" in h] == [1, 2]
-    assert run.summary["final_test_acc"] == acc == rows[-1]["test_acc"]
-    assert run.summary["best_test_acc"] == max(r["test_acc"] for r in rows)
+    # Without a validation split no epoch is chosen: the run is judged by its last epoch.
+    assert run.summary["final/test_acc"] == acc == rows[-1]["test_acc"]
+    assert not [key for key in run.summary if key.startswith("best/")]
+    assert [h["test/acc"] for h in run.history if "epoch" in h] == [r["test_acc"] for r in rows]
     assert run.summary["params"] == sum(p.numel() for p in build_model(cfg.model, 1, 10).parameters())
     assert [(a.type, a.name) for a in run.artifacts if a.type == "model"] == [("model", f"weights-{run.run.run_id}")]
     # The final confusion matrix and per-class accuracy, as W&B charts (each a table behind it).
@@ -71,8 +73,24 @@ def test_a_run_that_raises_is_finished_as_failed(tmp_path):
             raise RuntimeError("boom")
     run = read_run(tmp_path)
     assert run.exit_code == 1
-    assert run.summary["final_test_acc"] == 0.4 and run.summary["best_test_acc"] == 0.4
+    assert run.summary["final/test_acc"] == 0.4
     assert (tmp_path / "status").read_text() == "failed\n"
+
+
+@pytest.mark.parametrize("objective", ["auto", "test_acc"])
+def test_the_best_epoch_is_chosen_on_validation_unless_a_test_metric_is_named(tmp_path, objective):
+    # Epoch 2 has the best validation accuracy; epoch 3 the best test accuracy.
+    val, test = [0.5, 0.8, 0.7], [0.6, 0.5, 0.9]
+    with Tracker(tmp_path, cfg_with("dataset.val_fraction=0.2", f"trainer.objective={objective}")) as tracker:
+        for epoch in (1, 2, 3):
+            tracker.epoch({**epoch_row(epoch, test[epoch - 1]), "val_loss": 1.0, "val_acc": val[epoch - 1]})
+        tracker.finish({})
+    summary = read_run(tmp_path).summary
+    best = 2 if objective == "auto" else 3
+    assert (summary["best/epoch"], summary["best/val_acc"], summary["best/test_acc"]) == \
+        (best, val[best - 1], test[best - 1])
+    assert (summary["final/val_acc"], summary["final/test_acc"]) == (0.7, 0.9)
+    assert [h["val/acc"] for h in read_run(tmp_path).history if "epoch" in h] == val
 
 
 @pytest.mark.parametrize("logger", ["wandb", "none"])
@@ -89,8 +107,8 @@ def test_the_step_loss_is_read_only_every_n_steps(tmp_path, logger):
     assert loss.reads == norm.reads == 3
     run = read_run(tmp_path)
     assert run.run.run_id == tracker.run_id
-    assert [(h["global_step"], h["train_loss_step"], h["grad_norm"]) for h in run.history
-            if "train_loss_step" in h] == [(3, 0.5, 0.5), (6, 0.5, 0.5), (9, 0.5, 0.5)]
+    assert [(h["global_step"], h["train/loss_step"], h["grad_norm"]) for h in run.history
+            if "train/loss_step" in h] == [(3, 0.5, 0.5), (6, 0.5, 0.5), (9, 0.5, 0.5)]
     assert [h["global_step"] for h in run.history if "epoch" in h] == [10]
 
 

@@ -1,4 +1,4 @@
-"""`python -m resnet_lab.evaluate RUN_DIR [checkpoint=last|best|PATH] [name=NAME] [overrides]`:
+"""`python -m resnet_lab.evaluate RUN_DIR [checkpoint=last|best|ema|PATH] [name=NAME] [overrides]`:
 a trained run measured again, on its test split or another data set with its classes.
 
 Writes into RUN_DIR/eval/: <name>.json (accuracy, loss, top-5 accuracy where there are more than
@@ -138,7 +138,7 @@ def default_name(run: trained.Trained, choice: str) -> str:
 def main(args: Sequence[str]) -> Dict:
     parser = argparse.ArgumentParser(prog="python -m resnet_lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the folder of a training run")
-    parser.add_argument("settings", nargs="*", help="checkpoint=last|best|PATH (default last), name=NAME "
+    parser.add_argument("settings", nargs="*", help="checkpoint=last|best|ema|PATH (default last), name=NAME "
                         "(default <dataset>-<checkpoint>), wrong=N (default 16), and config overrides, "
                         "e.g. dataset=mnist dataset.root=data logger=wandb")
     ns = parser.parse_args(args)

@@ -1,5 +1,5 @@
 """`python -m resnet_lab.predict RUN_DIR IMAGES... [--out predictions.csv] [--top-k 5]
-[checkpoint=last|best|PATH] [overrides]`: a trained run's classes for image files, or for every
+[checkpoint=last|best|ema|PATH] [overrides]`: a trained run's classes for image files, or for every
 image under folders.
 
 Each image is prepared as the run's data set prepared its images: grey or colour as the run's

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
-from resnet_lab.errors import UserError
+from resnet_lab.config import chooses_best, chosen_epoch, objective
+from resnet_lab.errors import UserError, reason
 from resnet_lab.preemption import Stopped
 from resnet_lab.progress import ProgressBar
 from resnet_lab.rundir import write_file, write_status
@@ -20,6 +21,14 @@ from resnet_lab.training import confusion
 log = logging.getLogger("resnet_lab")
 
 ACCURACIES = ("val_acc", "test_acc", "val_acc_ema", "test_acc_ema")  # in an epoch's row, when measured
+SPLITS = ("train", "val", "test", "lr")
+
+
+def wandb_key(key: str) -> str:
+    """An epoch row's key as W&B's panels group it: train_loss as train/loss, test_acc_ema as
+    test/acc_ema, lr_head as lr/head; the others (epoch, seconds, grad_norm) as they are."""
+    split, _, rest = key.partition("_")
+    return f"{split}/{rest}" if split in SPLITS and rest else key
 
 
 def format_epoch(m: Dict[str, float], epochs: int) -> str:
@@ -84,11 +93,13 @@ class Tracker:
     """
 
     def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0,
-                 identity: Optional[Tuple[Optional[str], str]] = None):
-        """identity: the W&B run's (group, name); default: no group, the run folder's name."""
+                 identity: Optional[Tuple[Optional[str], str]] = None, runtime: Optional[Dict] = None):
+        """identity: the W&B run's (group, name); default: no group, the run folder's name.
+        runtime: the resolved runtime, written to runtime.json and the W&B config's `runtime`."""
         self.run_dir = Path(run_dir)
         self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
+        self.objective, self.chooses = objective(cfg), chooses_best(cfg)
         self.log_every = cfg.logger.log_every_steps
         self.log_weights = cfg.logger.log_weights
         self.main = rank == 0
@@ -100,11 +111,13 @@ class Tracker:
         # key cannot): the others would otherwise train on and wait for it at their first collective.
         with distributed.rank_0_failure_stops_all():
             if self.main:
+                if runtime is not None:
+                    write_file(self.run_dir / rundir.RUNTIME, lambda f: f.write(json.dumps(runtime, indent=1).encode()))
                 if cfg.logger.name == "wandb":
-                    self.wandb = self._open_wandb(cfg, resume_id)
+                    self.wandb = self._open_wandb(cfg, resume_id, runtime)
                 write_status(self.run_dir, "running")
 
-    def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str]):
+    def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str], runtime: Optional[Dict]):
         mode = choose_mode(cfg.logger.mode)
         if mode == "disabled":
             return None
@@ -114,7 +127,8 @@ class Tracker:
         try:
             run = wandb.init(dir=self.run_dir, mode=mode, project=cfg.logger.project,
                              entity=cfg.logger.entity, tags=list(cfg.logger.tags), group=group, name=name,
-                             job_type="train", config=OmegaConf.to_container(cfg, resolve=True),
+                             job_type="train", config={**OmegaConf.to_container(cfg, resolve=True),
+                                                       **({"runtime": runtime} if runtime else {})},
                              id=resume_id, resume="allow" if resume_id else None)
         except wandb.errors.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -134,7 +148,7 @@ class Tracker:
         norm, say), off the device only every log_every updates."""
         self.global_step = global_step
         if self.wandb is not None and global_step % self.log_every == 0:
-            values = {key: value.item() for key, value in {"train_loss_step": loss, **(logged or {})}.items()}
+            values = {key: value.item() for key, value in {"train/loss_step": loss, **(logged or {})}.items()}
             self.wandb.log({"global_step": global_step, **values})
 
     def epoch(self, metrics: Dict[str, float], global_step: Optional[int] = None) -> None:
@@ -147,14 +161,14 @@ class Tracker:
         log.info(format_epoch(metrics, self.epochs))
         self.metrics.write(metrics)
         if self.wandb is not None:
-            self.wandb.log({"global_step": self.global_step, **metrics})
+            self.wandb.log({"global_step": self.global_step, **{wandb_key(k): v for k, v in metrics.items()}})
 
     def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
         """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
         eval/final_confusion.csv, and W&B's charts of them."""
         report = confusion.report(matrix, classes)
         folder = self.run_dir / rundir.EVAL
-        write_file(folder / "final.json", lambda f: f.write(confusion.json_bytes(report)))
+        write_file(folder / rundir.FINAL, lambda f: f.write(confusion.json_bytes(report)))
         write_file(folder / "final_confusion.csv", lambda f: f.write(confusion.csv_text(matrix, classes).encode()))
         if self.wandb is not None:
             self.wandb.log({"global_step": self.global_step, **confusion.wandb_charts(matrix, classes, "final")})
@@ -168,16 +182,26 @@ class Tracker:
             artifact.add_file(str(path))
             self.wandb.log_artifact(artifact)
 
+    def judged(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+        """The accuracies the run is judged by: the last epoch's (final/...), and with a chosen best
+        epoch, that epoch's (best/...: the test accuracy at the best validation epoch, never the
+        best test accuracy over epochs)."""
+        if not rows:
+            return {}
+        accuracies = [key for key in ACCURACIES if key in rows[-1]]
+        judged = {f"final/{key}": rows[-1][key] for key in accuracies}
+        if self.chooses:
+            best = chosen_epoch(rows, self.objective, best=True)
+            judged.update({"best/epoch": best["epoch"], **{f"best/{key}": best[key] for key in accuracies}})
+        return judged
+
     def finish(self, summary: Dict[str, float], exit_code: int = 0, status: Optional[str] = None) -> None:
         """Close the W&B run (failed when exit_code != 0) and write the run's final status."""
         if self.finished or not self.main:
             self.finished = True
             return
         self.finished = True
-        rows = self.metrics.read()
-        accuracies = [key for key in ACCURACIES if rows and key in rows[-1]]
-        summary = {**{f"best_{key}": max(r.get(key, -1.0) for r in rows) for key in accuracies},
-                   **{f"final_{key}": rows[-1][key] for key in accuracies}, **summary}
+        summary = {**self.judged(self.metrics.read()), **summary}
         try:
             if self.wandb is not None:
                 self.wandb.summary.update(summary)
@@ -202,7 +226,8 @@ class Tracker:
                 # Not a failure: the search's pruner stopped it, and the trial's state says so.
                 self.finish({"trial_state": "pruned", "pruned_at_epoch": exc.epoch}, status="pruned")
             else:
-                self.finish({}, exit_code=0 if exc_type is None else 1)
+                # A failed run's W&B summary says why (the same line as train.log's last).
+                self.finish({} if exc is None else {"error": reason(exc)}, exit_code=0 if exc_type is None else 1)
         except UserError:
             # A status the full disk could not take says less than the error that ended the run.
             if exc is None:

@@ -17,8 +17,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
-from resnet_lab.config import objective, register_configs, validate
-from resnet_lab.errors import HeldBack, UserError
+from resnet_lab.config import register_configs, returned, validate
+from resnet_lab.errors import HeldBack, UserError, reason
 from resnet_lab.training import resume
 from resnet_lab.training.resume import meaningful
 from resnet_lab.training.trainer import Trainer
@@ -36,15 +36,16 @@ def job_identity(run_dir: Path, study: Optional[str] = None) -> Tuple[Optional[s
         hydra = HydraConfig.get()
         # Only Hydra's current job may take its identity: train() can be called with any folder.
         if Path(hydra.runtime.output_dir).resolve() == run_dir:
-            group = (study or str(hydra.sweep.dir)) if hydra.mode == RunMode.MULTIRUN else None
+            group = (study or rundir.sweep_group(Path(hydra.sweep.dir))) if hydra.mode == RunMode.MULTIRUN else None
             # Sorted, as in Hydra's override_dirname.
             return group, ",".join(sorted(meaningful(hydra.overrides.task))) or run_dir.name
     return None, run_dir.name
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as cfg says, writing into run_dir; returns the final value of its objective
-    (config.objective: the validation accuracy when a split is held out, else the test accuracy).
+    """Train as cfg says, writing into run_dir; returns its objective at the epoch it is judged by
+    (config.returned: the best validation accuracy when a split is held out, else the last test
+    accuracy).
 
     As one of several ranks (torchrun, a SLURM task, device.world_size) it trains its part of
     every batch under DDP, and only rank 0 writes and reports.
@@ -56,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             log.setLevel(logging.ERROR)  # rank 0 speaks for all
         plan = resume.plan(Path(run_dir), cfg)
         if plan.action == "finished":
-            return plan.state["metrics"][objective(cfg)]
+            return returned(cfg, plan.state["best_acc"], plan.state["metrics"])
         return Trainer(cfg, Path(run_dir), ranks, plan, job_identity(run_dir, cfg.search.study)).run()
 
 
@@ -89,7 +90,20 @@ def run(cfg: DictConfig) -> float:
     # Hydra record (resnet_lab/__main__.py).
     with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
             rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
-        return launch(cfg, run_dir, ranks)
+        try:
+            return launch(cfg, run_dir, ranks)
+        except Exception as e:
+            to_log_file(f"error: {reason(e)}")
+            raise
+
+
+def to_log_file(line: str) -> None:
+    """A line for the run's train.log alone (Hydra's file handlers): python -m resnet_lab prints
+    the same `error: ...` on the console once the job has ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def launch(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:
