@@ -133,9 +133,9 @@ def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
     assert "c2" in last and f"(in {images / where})" in last and "each class folder at least one image" in last
 
 
-@pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats")])
+@pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats", "train/dogs", "test/dogs")])
 def test_image_folder_of_mixed_sizes_without_resize(folders, tmp_path, monkeypatch, capsys):
-    for folder, size in zip(folders, ((16, 16), (20, 12))):
+    for folder, size in zip(folders, ((16, 16), (20, 12), (16, 16), (16, 16))):
         (tmp_path / "images" / folder).mkdir(parents=True)
         Image.new("RGB", size).save(tmp_path / "images" / folder / "0.png")
     code, err = run_cli([f"dataset.root={tmp_path / 'images'}", "dataset=image_folder", *RUN],
