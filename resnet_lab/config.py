@@ -142,6 +142,11 @@ class SchedConfig:
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
+    # onecycle: also cycle the optimizer's momentum (SGD) or beta1 (Adam, AdamW) against the lr,
+    # from momentum_range's high end at the start and end to its low end at the peak
+    # (OneCycleLR's cycle_momentum); false: they stay optim.momentum and optim.betas[0].
+    cycle_momentum: bool = False
+    momentum_range: List[float] = field(default_factory=lambda: [0.85, 0.95])
 
 
 @dataclass
@@ -271,6 +276,8 @@ BOUNDS = {
     "optim.backbone_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
+    "sched.gamma": (0, False),  # above 1 is allowed (a warm restart by hand); 0 or below is not a rate
+    "seed": (0, True),
     "device.world_size": (1, True),
     "trainer.epochs": (1, True),
     "trainer.batch_size": (1, True),
@@ -303,7 +310,9 @@ UNIT_RANGE = {
     "dataset.erase_prob": True,
     "dataset.mix_prob": True,
     "dataset.switch_prob": True,
+    "sched.pct_start": False,
 }
+SEEDS = 2 ** 32  # numpy's seeds are below this
 
 
 def _floats(node: Any, prefix: str = ""):
@@ -341,6 +350,15 @@ def _check_table(cfg: Any) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not (0 <= value <= 1 and (one_allowed or value < 1)):
             raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
+
+
+def _check_cycle_momentum(sched: Any) -> None:
+    low_high = list(sched.momentum_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise UserError(f"sched.momentum_range={low_high}: must be [low, high] with 0 <= low <= high < 1")
+    if sched.cycle_momentum and sched.name != "onecycle":
+        raise UserError(f"sched.cycle_momentum=true: only sched=onecycle cycles the momentum (this run has "
+                        f"sched={sched.name}); set sched.cycle_momentum=false")
 
 
 def _check_objective(cfg: Any) -> None:
@@ -404,10 +422,22 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
             f"trainer.epochs={cfg.trainer.epochs}"
         )
+    if cfg.seed >= SEEDS:
+        raise UserError(f"seed={cfg.seed}: must be < {SEEDS} (2**32, the seeds numpy takes)")
+    if not 0 < cfg.sched.warmup_start_factor <= 1:
+        raise UserError(f"sched.warmup_start_factor={cfg.sched.warmup_start_factor}: must be in (0, 1] "
+                        f"(the warmup's first rate, as a fraction of optim.lr)")
+    if cfg.sched.pct_start == 0:
+        raise UserError(f"sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1) (the decay rates of Adam's "
+                        f"gradient and squared-gradient averages, e.g. [0.9,0.999])")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):
         raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
+    _check_cycle_momentum(cfg.sched)
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)

@@ -70,6 +70,22 @@ def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
     return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg), cfg, fused)
 
 
+def logged_rates(optimizer: optim.Optimizer, backbone_scaled: bool) -> Dict[str, float]:
+    """What an epoch's row says of the optimizer now: `lr`, the head's (the last group's, see
+    param_groups) or the single rate; with a backbone rate apart also `lr_backbone` and
+    `lr_head`; and the momentum (SGD) or beta1 (Adam, AdamW) in use, which a one-cycle schedule
+    with sched.cycle_momentum moves."""
+    head = optimizer.param_groups[-1]
+    rates = {"lr": head["lr"]}
+    if backbone_scaled:
+        rates.update(lr_backbone=optimizer.param_groups[0]["lr"], lr_head=head["lr"])
+    if "betas" in head:
+        rates["beta1"] = head["betas"][0]
+    else:
+        rates["momentum"] = head["momentum"]
+    return rates
+
+
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
                     epochs: int) -> lr_scheduler.LRScheduler:
     """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps: updates)."""
@@ -79,8 +95,10 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
     if cfg.name == "onecycle":
         # OneCycleLR has its own rise; warmup_epochs, when set, sets its length.
         pct = warmup / total_steps if warmup else cfg.pct_start
+        low, high = cfg.momentum_range
         return lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                       total_steps=total_steps, pct_start=pct)
+                                       total_steps=total_steps, pct_start=pct, cycle_momentum=cfg.cycle_momentum,
+                                       base_momentum=low, max_momentum=high)
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=cfg.min_lr)
     elif cfg.name == "step":

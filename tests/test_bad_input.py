@@ -105,6 +105,20 @@ def test_empty_image_folder(tmp_path, monkeypatch, capsys):
     assert "no images under" in last and str(tmp_path / "images") in last
 
 
+def test_image_folder_with_one_class_is_named(tmp_path, monkeypatch, capsys):
+    # The root one level too high: root/all/<class>/<image> reads as one class, "all".
+    images = tmp_path / "images"
+    for cls in ("a", "b", "c"):
+        (images / "all" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(images / "all" / cls / f"{i}.png")
+    code, err = run_cli([f"dataset.root={images}", "dataset=image_folder", *RUN], tmp_path, monkeypatch, capsys)
+    assert one_line_error(code, err) == (f"error: dataset image_folder: {images} has one class folder, all (it holds "
+                                         f"a, b, c: should dataset.root be {images / 'all'}?); a classifier needs "
+                                         f"at least two (<root>/<class>/<image>)")
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("last.pt"))
+
+
 @pytest.mark.parametrize("where", ["", "train", "test"])
 def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
     images = tmp_path / "images"

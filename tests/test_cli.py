@@ -23,7 +23,7 @@ def test_default_recipe_end_to_end(fmnist_root, tmp_path):
     rows = runs.metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-                            "seconds", "images_per_s"}
+                            "beta1", "seconds", "images_per_s"}
     assert 0 <= rows[0]["test_acc"] <= 1 and rows[0]["images_per_s"] > 0
     assert rows[0]["lr"] == pytest.approx(1e-3)
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
@@ -73,6 +73,17 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
     (["optim.weight_decay=-inf"], ["optim.weight_decay=-inf: must be a finite number"]),
     (["optim.betas=[0.9,nan]"], ["optim.betas=[0.9, nan]: must be a finite number"]),
     (["sched=step", "sched.gamma=nan"], ["sched.gamma=nan: must be a finite number"]),
+    # Ranges of the schedule, the seed and the betas (each trained or failed in a traceback before).
+    (["sched=step", "sched.gamma=-1"], ["sched.gamma=-1.0: must be > 0"]),
+    (["sched=step", "sched.gamma=0"], ["sched.gamma=0.0: must be > 0"]),
+    (["sched=cosine", "sched.min_lr=-1"], ["sched.min_lr=-1.0: must be >= 0"]),
+    (["sched=onecycle", "sched.pct_start=1.5"], ["sched.pct_start=1.5: must be in [0, 1)"]),
+    (["sched=onecycle", "sched.pct_start=0"], ["sched.pct_start=0.0: must be in (0, 1)"]),
+    (["sched.warmup_start_factor=-1"], ["sched.warmup_start_factor=-1.0: must be in (0, 1]"]),
+    (["seed=-1"], ["seed=-1: must be >= 0"]),
+    (["seed=4294967296"], ["seed=4294967296: must be < 4294967296"]),
+    (["optim.betas=[0.9]"], ["optim.betas=[0.9]: must be two numbers in [0, 1)"]),
+    (["optim.betas=[0.9,1.5]"], ["optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)"]),
     (["hydra.run.dir=/tmp/ünïcödé_日本"], ["LexerNoViableAltException", "beyond ASCII only in a quoted value",
                                           "'hydra.run.dir=\"/tmp/ünïcödé_日本\"'"]),
 ])

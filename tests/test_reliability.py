@@ -24,6 +24,7 @@ from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.training import checkpoint
 from resnet_lab.training.checkpoint import Checkpointer
 from resnet_lab.training.engine import RunningTotals
+from resnet_lab.training.tracking import Tracker
 from resnet_lab.training.train import train
 from tests import runs
 from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, start, stop_at
@@ -314,8 +315,8 @@ def test_a_really_full_file_system_at_the_second_checkpoint_keeps_the_first(fmni
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: could not write {run_dir / rundir.CHECKPOINTS}/{rundir.WEIGHTS_PREFIX}")
     assert "(No space left on device)" in line and line.endswith("free some space, then run again to resume")
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
-                                                         "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "runtime.json",
+                                                         "status", "train.log"]
     assert checkpoint.load(rundir.last(run_dir))["epoch"] == 2
 
 
@@ -444,8 +445,8 @@ def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
                    "optim=sgd", "sched=onecycle", "dataset.val_fraction=0.2"), tmp_path)
     state = checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)
     assert set(state) == {"epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-                          "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed", "weights_file",
-                          "features"}
+                          "best_epoch", "metrics", "rng", "rng_ranks", "config", "wandb_run_id", "elapsed",
+                          "weights_file", "features", "classes"}
     # The weights are read from their own file, which best.pt (the best weights alone) links to.
     assert state["weights_file"].name.startswith(rundir.WEIGHTS_PREFIX)
     assert state["weights_file"].samefile(tmp_path / rundir.CHECKPOINTS / rundir.BEST)
@@ -458,7 +459,8 @@ def test_checkpoint_holds_what_the_issue_lists(fmnist_root, tmp_path):
     # The W&B run this checkpoint belongs to, so a resume continues that run.
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_run_id']}"))
     assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["state"]
-    assert state["best_acc"] == state["metrics"]["val_acc"]
+    assert state["best_acc"] == state["metrics"]["val_acc"] and state["best_epoch"] == 1
+    assert state["classes"][:2] == ["T-shirt/top", "Trouser"]  # what evaluate holds another data set to
 
 
 @pytest.mark.parametrize("ending", ["stopped", "finished", "failed"])
@@ -554,3 +556,77 @@ def test_ctrl_c_mid_epoch_writes_last_pt_and_exits_130(fmnist_root, tmp_path):
     assert state["epoch"] == 1 and state["step"] >= 1 and (run_dir / "status").read_text() == "stopped\n"
     log = (tmp_path / "run.log").read_text()
     assert "SIGINT: stopped at epoch 1 step" in log and "Traceback" not in log
+
+
+def test_changed_optimizer_settings_on_resume_are_what_runs_and_the_schedule_follows(fmnist_root, tmp_path,
+                                                                                   caplog):
+    args = [f"dataset.root={fmnist_root}", *TINY, "sched=cosine", "logger=none"]
+    new = ["optim.lr=1e-2", "optim.weight_decay=0.01", "optim.betas=[0.8,0.99]"]
+    reference_dir = tmp_path / "reference"
+    train(tiny_cfg(*args, *new, "trainer.checkpoint_every_steps=0"), reference_dir)
+    run_dir = tmp_path / "run"
+    assert killed_at(args, run_dir, (1, EVERY)) == (1, EVERY)
+    with caplog.at_level("INFO", logger="resnet_lab"):
+        train(tiny_cfg(*args, *new), run_dir)
+    # Every epoch's learning rate is the new run's schedule at that point, not the old one's.
+    logged = [row["lr"] for row in runs.metrics(run_dir)]
+    assert logged == pytest.approx([row["lr"] for row in runs.metrics(reference_dir)], rel=1e-6)
+    assert logged[0] > 2e-3  # the old schedule at 1e-3 never goes above 1e-3
+    group = torch.load(rundir.last(run_dir), weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], group["betas"]) == (1e-2, 0.01, (0.8, 0.99))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("optimizer settings applied")]
+    assert said == [f"optimizer settings applied from epoch 1 step {EVERY} on, the schedule rescaled to them: "
+                    f"optim.betas=[0.8, 0.99] (checkpoint: [0.9, 0.999]); optim.lr=0.01 (checkpoint: 0.001); "
+                    f"optim.weight_decay=0.01 (checkpoint: 0.0)"]
+
+
+class Killed(BaseException):
+    """A SIGKILL at a chosen line: the process ends there, with nothing after it run."""
+
+
+def killed_in(monkeypatch, owner, name, when=lambda *args: True):
+    """Make owner.name end the run (Killed) the first time `when(*its args)` holds."""
+    original = getattr(owner, name)
+
+    def kill(*args, **kw):
+        if when(*args, **kw):
+            monkeypatch.setattr(owner, name, original)
+            raise Killed
+        return original(*args, **kw)
+
+    monkeypatch.setattr(owner, name, kill)
+
+
+def test_a_kill_between_last_pt_and_best_pt_is_repaired_on_resume(fmnist_root, tmp_path, monkeypatch):
+    args = [f"dataset.root={fmnist_root}", "trainer.epochs=2", "trainer.checkpoint_every_steps=0",
+            "dataset.val_fraction=0.2", "logger=none"]
+    run_dir = tmp_path / "run"
+    # Killed once epoch 2's last.pt names it the best epoch, before best.pt follows it.
+    killed_in(monkeypatch, Checkpointer, "publish",
+              lambda self, target, after: target.name == rundir.BEST and self.weights is not None
+              and torch.load(rundir.last(run_dir), weights_only=True)["epoch"] == 3)
+    with pytest.raises(Killed):
+        train(tiny_cfg(*args), run_dir)
+    saved = torch.load(rundir.last(run_dir), weights_only=True)
+    assert saved["best_epoch"] == 2
+    best_weights = torch.load(run_dir / "checkpoints" / saved["model"], weights_only=True)
+    stale = torch.load(run_dir / "checkpoints" / rundir.BEST, weights_only=True)  # epoch 1's
+    assert not all(torch.equal(stale[k], best_weights[k]) for k in stale)
+    train(tiny_cfg(*args), run_dir)
+    best = torch.load(run_dir / "checkpoints" / rundir.BEST, weights_only=True)
+    assert all(torch.equal(best[k], best_weights[k]) for k in best_weights)
+
+
+def test_a_kill_before_the_final_report_is_repaired_on_resume(fmnist_root, tmp_path, monkeypatch):
+    args = [f"dataset.root={fmnist_root}", "trainer.epochs=1", "trainer.checkpoint_every_steps=0", "logger=none"]
+    run_dir = tmp_path / "run"
+    killed_in(monkeypatch, Tracker, "final_report")
+    with pytest.raises(Killed):
+        train(tiny_cfg(*args), run_dir)
+    assert not (run_dir / rundir.EVAL / rundir.FINAL).exists()
+    train(tiny_cfg(*args), run_dir)
+    report = json.loads((run_dir / rundir.EVAL / rundir.FINAL).read_text())
+    matrix = torch.tensor(report["confusion_matrix"])
+    assert report["classes"][0] == "T-shirt/top" and matrix.sum() == 80
+    assert matrix.trace().item() / matrix.sum().item() == runs.metrics(run_dir)[-1]["test_acc"]
+    assert (run_dir / rundir.STATUS).read_text() == "finished\n"

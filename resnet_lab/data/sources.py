@@ -148,6 +148,12 @@ def _split_samples(root: Path) -> Tuple[List[str], Dict[str, List[Sample]]]:
         raise UserError(f"dataset image_folder: no images under {train_dir} "
                         f"(expected {train_dir}/<class>/<image>.png)")
     classes, train = list_classes(train_dir)
+    if len(classes) < 2:
+        # Most often a root one level too high (root/all/<class>/...): every image is one class.
+        below = sorted(p.name for p in (train_dir / classes[0]).iterdir() if p.is_dir())
+        hint = f" (it holds {', '.join(below[:5])}: should dataset.root be {train_dir / classes[0]}?)" if below else ""
+        raise UserError(f"dataset image_folder: {train_dir} has one class folder, {classes[0]}{hint}; "
+                        f"a classifier needs at least two (<root>/<class>/<image>)")
     if test_dir is None:
         # No test split on disk: hold out a fixed 10% (at least one image), the same every run.
         n_test = max(1, len(train) // 10)

@@ -11,8 +11,8 @@ from resnet_lab.models.resnet import Architecture, ResNet, check
 
 
 def architecture(cfg) -> Architecture:
-    """The architecture a model config describes (its knobs, whatever its name)."""
-    MODELS.get(cfg.name)  # an unknown name: one line with the choices
+    """The architecture a model config describes: its knobs; its name is a label (a config of
+    one's own names itself)."""
     knobs = {f.name: cfg[f.name] for f in fields(Architecture)}
     return Architecture(**{**knobs, "layers": list(knobs["layers"])})
 

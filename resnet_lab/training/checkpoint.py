@@ -1,9 +1,10 @@
 """Checkpoints: all a run needs to continue exactly where it stopped, written atomically.
 
 A checkpoint holds the position (`epoch` and `step`: the next batch to train), the model,
-optimizer, scheduler and grad-scaler states, the epoch's running totals, the best test accuracy
-so far and the last epoch's metrics, every rank's RNG states, the resolved config, the W&B run id,
-and the state of each training feature (an EMA's weights, say) under `features`.
+optimizer, scheduler and grad-scaler states, the epoch's running totals, the objective's best value
+so far and its epoch (whose weights best.pt holds), the last epoch's metrics, every rank's RNG
+states, the resolved config, the data's class names, the W&B run id, and the state of each
+training feature (an EMA's weights, say) under `features`.
 The loaders need no state of their own: each batch is a function of (seed, epoch, batch index).
 
 The weights are not inside last.pt: each checkpoint writes them to a file of their own,
@@ -15,6 +16,7 @@ the optimizer state once.
 """
 
 import json
+import logging
 import os
 import random
 import secrets
@@ -29,8 +31,11 @@ from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
 from resnet_lab.rundir import BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
 
+log = logging.getLogger("resnet_lab")
+
 KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "totals", "best_acc",
-        "metrics", "rng", "config", "wandb_run_id")  # and "elapsed" and "features", which older ones lack
+        "metrics", "rng", "config", "wandb_run_id")
+# and "elapsed", "features", "best_epoch" and "classes", which older ones lack
 
 
 def rng_states(device: torch.device) -> Dict:
@@ -146,10 +151,12 @@ class Checkpointer:
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
              wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
-             features: Optional[Dict] = None, best: bool = False) -> None:
+             features: Optional[Dict] = None, best: bool = False, best_epoch: Optional[int] = None,
+             classes: Optional[List[str]] = None) -> None:
         """Write last.pt and its weights file (and best.pt) to continue at batch `step` of
         `epoch`; `elapsed`: the run's wall seconds so far, over all its resumed parts; `rngs`:
-        every rank's random states, in rank order (default: this process's)."""
+        every rank's random states, in rank order (default: this process's); `classes`: the
+        data's class names, which `evaluate` holds another data set to."""
         rngs = rngs or [rng_states(self.device)]
         weights = cpu_weights(self.model)
         resume_after = ", then run again to resume"
@@ -159,10 +166,10 @@ class Checkpointer:
             "epoch": epoch, "step": step,
             "model": new.name, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "totals": totals, "best_acc": best_acc, "metrics": metrics,
+            "totals": totals, "best_acc": best_acc, "best_epoch": best_epoch, "metrics": metrics,
             "rng": rngs[0], "rng_ranks": rngs[1:],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "wandb_run_id": wandb_run_id, "elapsed": elapsed, "features": features or {},
+            "wandb_run_id": wandb_run_id, "elapsed": elapsed, "features": features or {}, "classes": classes,
         }
         try:
             write_file(self.folder / LAST, lambda f: torch.save(state, f), after=resume_after)
@@ -175,6 +182,14 @@ class Checkpointer:
         for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
             if old != new:
                 old.unlink(missing_ok=True)
+        self.repair(state, best)
+        if not self.record_kept:  # Hydra's record stays the same while the job runs
+            keep_hydra_record(self.folder.parent)
+            self.record_kept = True
+
+    def repair(self, state: Dict, best: bool) -> None:
+        """The files made from checkpoint `state` after it is written: ema.pt, and best.pt when
+        `best` (its epoch is the best one). A run resumed after a kill between them makes them again."""
         after = f"; {LAST} was written: run again to resume"
         if "ema" in state["features"]:
             # The average's weights as a state dict of their own, for evaluate, export and model.init.
@@ -186,9 +201,6 @@ class Checkpointer:
                     write_file(self.folder / BEST, lambda f: torch.save(ema, f), after=after)
             else:
                 self.publish(self.folder / BEST, after=after)
-        if not self.record_kept:  # Hydra's record stays the same while the job runs
-            keep_hydra_record(self.folder.parent)
-            self.record_kept = True
 
     def publish(self, target: Path, after: str) -> None:
         """The last checkpoint's weights as `target` (best.pt, model.pt): a hard link to its
@@ -197,6 +209,23 @@ class Checkpointer:
             return
         weights = cpu_weights(self.model)
         write_file(target, lambda f: torch.save(weights, f), after=after)
+
+    def _apply_settings(self, fresh: List[Dict]) -> None:
+        """This run's optimizer settings over the restored ones (resume.APPLIED lists them): each
+        group's decay, betas and momentum as this config builds them (`fresh`), and its learning
+        rate, with the schedule's, rescaled by the new base rate over the saved one, so the
+        schedule goes on from where it was at the new scale (a factor of 1 when unchanged)."""
+        scales = []
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            scale = new.get("initial_lr", new["lr"]) / group.get("initial_lr", group["lr"])
+            scales.append(scale)
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= scale
+            group.update({k: new[k] for k in ("weight_decay", "betas", "momentum", "nesterov") if k in new})
+        for scheduler in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
+            scheduler.base_lrs = [lr * scale for lr, scale in zip(scheduler.base_lrs, scales)]
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def restore(self, state: Dict, path: Path, rank: int = 0) -> None:
         """Load a checkpoint's states into the parts (resume.plan has checked that its settings
@@ -207,10 +236,12 @@ class Checkpointer:
         # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
         # under a grad scaler differs from an unfused one, and a state's step counters follow it.
         saved = state["optimizer"]
+        fresh = [dict(group, params=None) for group in self.optimizer.param_groups]  # as this config builds them
         groups = [{**group, **{k: now[k] for k in ("fused",) if k in now}}
                   for group, now in zip(saved["param_groups"], self.optimizer.param_groups)]
         self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_settings(fresh)
         if state["scaler"]:  # empty when the saving run did not scale (not fp16)
             self.scaler.load_state_dict(state["scaler"])
         # Each rank's own random state (dropout's masks); a rank the saving run did not have keeps

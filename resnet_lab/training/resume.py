@@ -36,6 +36,10 @@ MUST_MATCH = {"optim.name": None, "sched.name": None, "optim.no_decay_norm_bias"
 # change them.
 SCHEDULE_LENGTH = {"trainer.epochs": None, "trainer.batch_size": None, "trainer.limit_train_batches": None,
                    "trainer.accumulate": 1, "dataset.val_fraction": 0.0}
+# The optimizer settings a resumed run takes from its own config over the checkpoint's state
+# (its schedule rescaled to the new learning rate: docs/runs.md).
+APPLIED = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.nesterov",
+           "optim.backbone_lr_scale")
 # Any other setting may differ on resume: the run goes on with the new value, and says so.
 
 
@@ -76,6 +80,11 @@ def config_changes(saved_cfg: Dict, cfg, shared_only: bool = False) -> List[str]
     keys = now.keys() & then.keys() if shared_only else now.keys() | then.keys()
     return [f"{k}={now.get(k)} (checkpoint: {then.get(k)})" for k in sorted(keys)
             if k != "trainer.resume" and now.get(k) != then.get(k)]
+
+
+def applied(changes: Sequence[str]) -> List[str]:
+    """Those of config_changes' lines that are optimizer settings the resumed run applies."""
+    return [change for change in changes if override_key(change) in APPLIED]
 
 
 def to_resume(resume: str, run_dir: Path) -> Optional[Path]:

@@ -28,13 +28,13 @@ from resnet_lab.config import chooses_best, objective, returned
 from resnet_lab.data import build_data
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, weights
-from resnet_lab.optim import build_optimizer, build_scheduler
+from resnet_lab.optim import build_optimizer, build_scheduler, logged_rates
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.training import checkpoint
 from resnet_lab.training.confusion import Confusion
 from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
 from resnet_lab.training.features import build_features
-from resnet_lab.training.resume import Plan
+from resnet_lab.training.resume import Plan, applied
 from resnet_lab.training.tracking import EpochProgress, Tracker
 
 log = logging.getLogger("resnet_lab")
@@ -51,11 +51,12 @@ class State:
     # summed over the ranks (None at an epoch's start).
     totals: Optional[RunningTotals] = None
     best_acc: float = -1.0  # of the objective, at the best epoch (when config.chooses_best)
+    best_epoch: Optional[int] = None  # that epoch, whose weights best.pt holds
     metrics: Dict[str, float] = field(default_factory=dict)  # the last epoch's row
     elapsed: float = 0.0  # the run's wall seconds, over all its resumed parts, at its last save
     wandb_run_id: Optional[str] = None
 
-    FIELDS = ("epoch", "step", "totals", "best_acc", "metrics", "elapsed", "wandb_run_id")
+    FIELDS = ("epoch", "step", "totals", "best_acc", "best_epoch", "metrics", "elapsed", "wandb_run_id")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Trainer(Callback):
         own_run_id = self.state.wandb_run_id if self.plan.own else None
         with contextlib.closing(self.data), StopSignals() as self.signals, \
                 Tracker(self.run_dir, self.cfg, resume_id=own_run_id, rank=self.ranks.rank,
-                        identity=self.identity) as self.tracker:
+                        identity=self.identity, runtime=self.runtime_record()) as self.tracker:
             for _ in range(self.state.epoch, self.cfg.trainer.epochs + 1):
                 self.train_epoch()
                 self.end_epoch()
@@ -193,8 +194,15 @@ class Trainer(Callback):
             self.state.totals = RunningTotals.from_state_dict(totals, self.runtime.device)
         self.last_good = f"{path} (epoch {self.state.epoch} step {self.state.step})"
         log.info(f"resuming from {path} at epoch {self.state.epoch} step {self.state.step}")
+        if self.plan.own and self.main:
+            # A kill between last.pt and the files linked after it (ema.pt, best.pt) left those a
+            # checkpoint behind: they are made again from what last.pt holds.
+            self.checkpoints.repair(saved, best=self.state.best_epoch == self.state.epoch - 1 and not self.state.step)
         if self.plan.changes:
             log.warning(f"settings differ from the checkpoint's: {'; '.join(self.plan.changes)}")
+        if applied(self.plan.changes):
+            log.info(f"optimizer settings applied from epoch {self.state.epoch} step {self.state.step} on, the "
+                     f"schedule rescaled to them: {'; '.join(applied(self.plan.changes))}")
 
     def announce(self) -> None:
         cfg, runtime, world = self.cfg, self.runtime, self.ranks.world_size
@@ -209,6 +217,18 @@ class Trainer(Callback):
             log.warning(f"trainer.objective={self.objective}: the best epoch (best.pt, the value returned, "
                         f"every 'best') is chosen on the test split, so its test accuracy is an optimistic "
                         f"estimate; hold out a validation split (dataset.val_fraction) to choose on it")
+
+    def runtime_record(self) -> Dict:
+        """What this run trains on and with, settled (runs from two machines told apart): the
+        device settings as resolved here, the ranks, the batch per rank and per update, the splits'
+        sizes, the versions and instruction sets."""
+        trainer, world = self.cfg.trainer, self.ranks.world_size
+        return {**device_setup.resolved(self.runtime), "world_size": world,
+                "batch_per_rank": trainer.batch_size // world, "global_batch": trainer.batch_size,
+                "images_per_update": trainer.batch_size * trainer.accumulate,
+                "train_images": self.data.train.num_samples,
+                "val_images": self.data.val.num_samples if self.data.val else 0,
+                "test_images": self.data.test.num_samples}
 
     def train_epoch(self) -> None:
         """Train state.epoch from state.step to its end."""
@@ -253,7 +273,7 @@ class Trainer(Callback):
         self.tracker.epoch(metrics, global_step=state.epoch * self.updates)
         improved = self.chooses and metrics[self.objective] > state.best_acc
         if improved:
-            state.best_acc = metrics[self.objective]
+            state.best_acc, state.best_epoch = metrics[self.objective], state.epoch
         state.metrics, state.epoch, state.step, state.totals = metrics, state.epoch + 1, 0, None
         self.save(best=improved)
         signum = distributed.largest(self.signals.signum or 0)
@@ -262,14 +282,14 @@ class Trainer(Callback):
 
     def evaluate(self) -> Dict[str, float]:
         """The epoch's row: its training totals, the validation and test metrics, the features'
-        (an EMA's metrics, say), the learning rate and speed."""
+        (an EMA's metrics, say), the learning rates and momentum (optim.logged_rates) and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
         self.confusion = Confusion(self.data.num_classes, self.runtime.device)
         features = {key: value for feature in self.features for key, value in feature.end_epoch().items()}
         return {"epoch": self.state.epoch, **whole.metrics(), **self.evaluations(self.forward, self.confusion.add),
-                **features,
-                "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
+                **features, **logged_rates(self.optimizer, self.cfg.optim.backbone_lr_scale != 1),
+                "seconds": seconds, "images_per_s": whole.seen / seconds}
 
     def evaluations(self, model: torch.nn.Module, keep=None) -> Dict[str, float]:
         """The loss and accuracy of `model` on the validation split (if any) and the test split;
@@ -301,7 +321,7 @@ class Trainer(Callback):
                 progress = {k: getattr(state, k) for k in State.FIELDS}
                 features = {feature.name: feature.state_dict() for feature in self.features}
                 self.checkpoints.save(**{**progress, "totals": whole and whole.state_dict()}, rngs=rngs,
-                                      features=features, best=best)
+                                      features=features, best=best, classes=self.data.classes)
         self.last_good = f"{self.checkpoints.folder / rundir.LAST} (epoch {state.epoch} step {state.step})"
 
     def stop(self, signum: int) -> Stopped:
@@ -313,7 +333,12 @@ class Trainer(Callback):
     def finish(self) -> None:
         """The final weights (model.pt), the last evaluation's confusion matrix (eval/final.*),
         and the run's summary and status."""
-        if self.confusion is not None:  # None when a resumed run had no epoch left to train
+        if self.confusion is None and not (self.run_dir / rundir.EVAL / rundir.FINAL).is_file():
+            # A resumed run with no epoch left, whose last one ended before its report was written
+            # (a kill, a full disk): the last checkpoint's weights evaluated again give it.
+            self.confusion = Confusion(self.data.num_classes, self.runtime.device)
+            self.evaluations(self.forward, self.confusion.add)
+        if self.confusion is not None:  # None when the report was written by the part that trained last
             matrix = self.confusion.matrix()
             if self.main:
                 self.tracker.final_report(matrix, self.data.classes)
