@@ -12,18 +12,40 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from resnet_lab.errors import UserError, closest
-from resnet_lab.models import MODELS, Architecture, architecture
-from resnet_lab.models import check as check_architecture
+from resnet_lab.models import MODELS, Architecture, check_config as check_model
 
 
 @dataclass
-class ModelConfig(Architecture):
-    # Each option of the model group is a variant's architecture (models/resnet.py), stored by
-    # register_configs; a model.* override changes one knob of it.
+class ModelConfig:
+    """What every option of the model group has; each kind's schema adds its own keys."""
+
     name: str = MISSING
-    # Start from these weights rather than at random: a state dict file (torchvision's names), a
-    # run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a run folder (resnet_lab.models.weights).
+    # Start from these weights rather than at random: a state dict file (torchvision's or timm's
+    # names, .safetensors too), a run's model.pt, checkpoints/best.pt or checkpoints/ema.pt, or a
+    # run folder (resnet_lab.models.weights).
     init: Optional[str] = None
+
+
+@dataclass
+class ResNetConfig(ModelConfig, Architecture):
+    # Each resnet_lab variant is an option of the model group, its architecture (models/resnet.py)
+    # stored by register_configs; a model.* override changes one knob of it.
+    pass
+
+
+@dataclass
+class TimmModelConfig(ModelConfig):
+    """model=timm: model.name is any timm model (models/external.py); keys added to model
+    (+model.drop_path_rate=0.1) are timm.create_model's keyword arguments."""
+
+
+@dataclass
+class TargetModelConfig(ModelConfig):
+    """model=target: the nn.Module class at model._target_; keys added to model (+model.depth=3)
+    are its keyword arguments."""
+
+    _target_: str = MISSING
+    name: str = "${._target_}"
 
 
 @dataclass
@@ -120,6 +142,11 @@ class SchedConfig:
     gamma: float = 0.1
     # onecycle: the fraction of training spent rising (warmup_epochs, if set, wins).
     pct_start: float = 0.3
+    # onecycle: also cycle the optimizer's momentum (SGD) or beta1 (Adam, AdamW) against the lr,
+    # from momentum_range's high end at the start and end to its low end at the peak
+    # (OneCycleLR's cycle_momentum); false: they stay optim.momentum and optim.betas[0].
+    cycle_momentum: bool = False
+    momentum_range: List[float] = field(default_factory=lambda: [0.85, 0.95])
 
 
 @dataclass
@@ -209,9 +236,13 @@ class Config:
     seed: int = 0
 
 
-def model_config(name: str) -> ModelConfig:
+def model_config(name: str) -> ResNetConfig:
     """The model group's option `name`: the variant's architecture."""
-    return ModelConfig(name=name, **asdict(MODELS.get(name).architecture))
+    return ResNetConfig(name=name, **asdict(MODELS.get(name).architecture))
+
+
+# The model group's options beside resnet_lab's variants: models built elsewhere.
+EXTERNAL_MODELS = {"timm": TimmModelConfig, "target": TargetModelConfig}
 
 
 def register_configs() -> None:
@@ -221,6 +252,8 @@ def register_configs() -> None:
         store.store(group="schema/dataset", name=kind, node=schema)
     for name in MODELS.names():
         store.store(group="model", name=name, node=model_config(name))
+    for name, schema in EXTERNAL_MODELS.items():
+        store.store(group="model", name=name, node=schema)
 
 
 CHOICES = {
@@ -319,6 +352,15 @@ def _check_table(cfg: Any) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1{']' if one_allowed else ')'}")
 
 
+def _check_cycle_momentum(sched: Any) -> None:
+    low_high = list(sched.momentum_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] < 1:
+        raise UserError(f"sched.momentum_range={low_high}: must be [low, high] with 0 <= low <= high < 1")
+    if sched.cycle_momentum and sched.name != "onecycle":
+        raise UserError(f"sched.cycle_momentum=true: only sched=onecycle cycles the momentum (this run has "
+                        f"sched={sched.name}); set sched.cycle_momentum=false")
+
+
 def _check_objective(cfg: Any) -> None:
     """trainer.objective names a metric the run reports."""
     objective = cfg.trainer.objective
@@ -374,7 +416,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _check_finite(cfg)
     _check_table(cfg)
     _check_cache(cfg)
-    check_architecture(architecture(cfg.model))
+    check_model(cfg.model)
     if cfg.sched.warmup_epochs >= cfg.trainer.epochs and cfg.sched.warmup_epochs > 0:
         raise UserError(
             f"sched.warmup_epochs={cfg.sched.warmup_epochs}: must be shorter than "
@@ -395,6 +437,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise UserError("optim.nesterov=true: needs optim=sgd with optim.momentum > 0")
     if not all(s >= 1 for s in cfg.sched.milestone_steps):
         raise UserError(f"sched.milestone_steps={list(cfg.sched.milestone_steps)}: each must be an update >= 1")
+    _check_cycle_momentum(cfg.sched)
     if not all(0 < m < 1 for m in cfg.sched.milestones):
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)

@@ -100,6 +100,11 @@ def describe(e: BaseException):
     return None
 
 
+def reason(e: BaseException) -> str:
+    """Why a run failed, in one line: describe's, or for a bug the error's type and first line."""
+    return describe(e) or f"{type(e).__name__}: {_first_line(e)}"
+
+
 def ended(status: int) -> str:
     """How a child process ended, from its exit status (negative: the signal that killed it, as
     subprocess gives it; 128 + N: as a shell gives it): 'died of SIGBUS (signal 7)' or

@@ -7,6 +7,7 @@ from torch import nn, optim
 from torch.optim import lr_scheduler
 
 from resnet_lab.errors import UserError
+from resnet_lab.models import head_prefix
 from resnet_lab.registry import Registry
 
 log = logging.getLogger("resnet_lab")
@@ -39,15 +40,17 @@ def no_decay_names(model: nn.Module) -> List[str]:
 
 
 def param_groups(model: nn.Module, cfg) -> List[Dict]:
-    """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head, fc) apart, at
-    lr times that scale; with cfg.no_decay_norm_bias the norm weights and biases apart, without
-    weight decay. Backbone groups first, then decayed before exempt: schedules scale each
-    group's own rate, and a checkpoint's groups come back in the same order."""
+    """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head: fc, or a timm
+    model's classifier) apart, at lr times that scale; with cfg.no_decay_norm_bias the norm
+    weights and biases apart, without weight decay. Backbone groups first, then decayed before
+    exempt: schedules scale each group's own rate, and a checkpoint's groups come back in the
+    same order."""
     exempt = set(no_decay_names(model)) if cfg.no_decay_norm_bias else set()
     scaled = cfg.backbone_lr_scale != 1
+    head = head_prefix(model)
     split: Dict[tuple, list] = {}
     for name, p in model.named_parameters():
-        split.setdefault((scaled and not name.startswith("fc."), name in exempt), []).append(p)
+        split.setdefault((scaled and not name.startswith(head), name in exempt), []).append(p)
     groups = []
     for backbone, no_decay in sorted(split, key=lambda key: (not key[0], key[1])):
         params = split[backbone, no_decay]
@@ -67,6 +70,22 @@ def build_optimizer(model: nn.Module, cfg) -> optim.Optimizer:
     return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg), cfg, fused)
 
 
+def logged_rates(optimizer: optim.Optimizer, backbone_scaled: bool) -> Dict[str, float]:
+    """What an epoch's row says of the optimizer now: `lr`, the head's (the last group's, see
+    param_groups) or the single rate; with a backbone rate apart also `lr_backbone` and
+    `lr_head`; and the momentum (SGD) or beta1 (Adam, AdamW) in use, which a one-cycle schedule
+    with sched.cycle_momentum moves."""
+    head = optimizer.param_groups[-1]
+    rates = {"lr": head["lr"]}
+    if backbone_scaled:
+        rates.update(lr_backbone=optimizer.param_groups[0]["lr"], lr_head=head["lr"])
+    if "betas" in head:
+        rates["beta1"] = head["betas"][0]
+    else:
+        rates["momentum"] = head["momentum"]
+    return rates
+
+
 def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
                     epochs: int) -> lr_scheduler.LRScheduler:
     """cfg.name over the whole run, after cfg.warmup_epochs of linear warmup (in steps: updates)."""
@@ -76,8 +95,10 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
     if cfg.name == "onecycle":
         # OneCycleLR has its own rise; warmup_epochs, when set, sets its length.
         pct = warmup / total_steps if warmup else cfg.pct_start
+        low, high = cfg.momentum_range
         return lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                       total_steps=total_steps, pct_start=pct)
+                                       total_steps=total_steps, pct_start=pct, cycle_momentum=cfg.cycle_momentum,
+                                       base_momentum=low, max_momentum=high)
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=cfg.min_lr)
     elif cfg.name == "step":

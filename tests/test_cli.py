@@ -23,7 +23,7 @@ def test_default_recipe_end_to_end(fmnist_root, tmp_path):
     rows = runs.metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-                            "seconds", "images_per_s"}
+                            "beta1", "seconds", "images_per_s"}
     assert 0 <= rows[0]["test_acc"] <= 1 and rows[0]["images_per_s"] > 0
     assert rows[0]["lr"] == pytest.approx(1e-3)
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

@@ -3,16 +3,19 @@ while building it, the same pixels as decoding while training; and the streaming
 
 import json
 import os
+import struct
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.data import build_data, cache
-from resnet_lab.data.images import decode
+from resnet_lab.data.images import GREY_MODES, decode, headers
 from resnet_lab.data.loader import DeviceLoader, HostLoader
 from resnet_lab.errors import UserError
 from resnet_lab.training.train import train
@@ -229,12 +232,81 @@ def test_a_full_disk_while_decoding_is_one_line(images, tiny_tmpfs):
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".lock"]  # no partial array
 
 
-def test_a_16_bit_png_decodes_to_its_top_8_bits(tmp_path):
-    pixels = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)
-    Image.fromarray(pixels).save(tmp_path / "deep.png")
-    image = decode(str(tmp_path / "deep.png"), 1)
-    assert image.dtype == torch.uint8 and image.shape == (1, 10, 10)
-    assert torch.equal(image[0], torch.from_numpy((pixels >> 8).astype(np.uint8)))
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit RGB PNG (which PIL does not write) of H x W x 3 uint16 pixels."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def write_kind(kind: str, path: Path) -> Path:
+    """An image file of that kind, 10 wide and 8 high, of noise."""
+    rng = np.random.default_rng(0)
+    noise = lambda *channels, top=256: rng.integers(0, top, (8, 10, *channels)).astype(np.uint16 if top > 256 else np.uint8)
+    suffix = {"jpeg": ".jpg", "webp": ".webp", "bmp": ".bmp"}.get(kind.split()[-1], ".png")
+    path = path.with_suffix(suffix)
+    if kind == "16-bit colour png":
+        png16(path, noise(3, top=65536))
+        return path
+    image = {"grey": lambda: Image.fromarray(noise(), "L"), "grey+alpha": lambda: Image.fromarray(noise(2), "LA"),
+             "1-bit": lambda: Image.fromarray(noise() > 127), "16-bit": lambda: Image.fromarray(noise(top=65536)),
+             "colour": lambda: Image.fromarray(noise(3), "RGB"), "rgba": lambda: Image.fromarray(noise(4), "RGBA"),
+             "palette": lambda: Image.fromarray(noise(3), "RGB").quantize(16),
+             "cmyk": lambda: Image.fromarray(noise(4), "CMYK"), "animated": lambda: Image.fromarray(noise(3), "RGB"),
+             "turned": lambda: Image.fromarray(noise(3), "RGB")}[kind.split()[0]]()
+    options = {".jpg": {"quality": 90}, ".webp": {"lossless": True}}.get(suffix, {})
+    if kind.startswith("palette") and "transparent" in kind:
+        options["transparency"] = 3
+    if kind.startswith("animated"):
+        options.update(save_all=True, append_images=[Image.fromarray(noise(3), "RGB")])
+    if kind.startswith("turned"):
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = 6  # a quarter turn clockwise to view
+        options["exif"] = exif
+    image.save(path, **options)
+    return path
+
+
+def pil_decoded(path: Path, channels: int) -> torch.Tensor:
+    """What PIL makes of the file, upright: 16-bit grey keeps its top 8 bits (PIL's own
+    conversion would clip at 255), a colour JPEG turns grey as libjpeg does it."""
+    with Image.open(path) as im:
+        if im.mode == "I;16":
+            return torch.from_numpy((np.asarray(im) >> 8).astype(np.uint8)).expand(channels, -1, -1)
+        if channels == 1:
+            im.draft("L", im.size)
+        return TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB"))
+
+
+KINDS = ["grey png", "grey+alpha png", "1-bit png", "16-bit png", "16-bit colour png", "colour png", "rgba png",
+         "palette png", "palette transparent png", "grey jpeg", "colour jpeg", "cmyk jpeg", "colour webp",
+         "rgba webp", "animated webp", "turned jpeg", "turned png", "colour bmp"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_of_image_decodes_as_pil_decodes_it(kind, channels, tmp_path):
+    path = write_kind(kind, tmp_path / "image")
+    image = decode(str(path), channels)
+    expected = pil_decoded(path, channels)
+    (width, height), = headers([str(path)])[0]
+    assert image.dtype == torch.uint8 and image.shape == expected.shape == (channels, height, width)
+    with Image.open(path) as im:
+        # libpng's and libwebp's luma of a colour image rounds within 1 of PIL's
+        colour_to_grey = channels == 1 and im.mode not in GREY_MODES and im.format != "JPEG"
+    assert (image.int() - expected.int()).abs().max() <= (1 if colour_to_grey else 0)
+    if kind.startswith("turned"):
+        assert image.shape[1:] == (10, 8)
+
+
+def test_a_file_that_is_not_what_its_ending_says_decodes_as_pil_decodes_it(tmp_path):
+    misnamed = write_kind("colour jpeg", tmp_path / "image").rename(tmp_path / "image.png")
+    for channels in (1, 3):
+        assert torch.equal(decode(str(misnamed), channels), pil_decoded(misnamed, channels))
 
 
 def test_an_index_that_cannot_be_written_is_a_warning_when_streaming(images, tiny_tmpfs, caplog):

@@ -50,7 +50,7 @@ def on_meta(name: str, **kw) -> nn.Module:
 
 
 def test_every_variant_is_an_option_of_the_model_group_showing_its_architecture():
-    assert len(MODELS.names()) == 24
+    assert len(MODELS.names()) == 36
     for name in MODELS.names():
         with initialize_config_module("resnet_lab.conf", version_base="1.3"):
             cfg = compose("config", overrides=[f"model={name}"])
@@ -85,7 +85,7 @@ def randomise(model: nn.Module) -> None:
     """Random weights and BN statistics, so a misplaced BN or stride changes the logits."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
                 if m.bias is not None:
                     m.bias.normal_(0, 0.1)
@@ -151,7 +151,8 @@ def test_option_a_is_the_strided_identity_padded_with_zeros():
     assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and not y[:, 16:].any()
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet50", "preact_resnet110", "preact_resnet164", "wrn_16_8"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "preact_resnet110", "preact_resnet164", "wrn_16_8",
+                                  "resnet50d", "seresnet50", "ecaresnet50d"])
 def test_zero_init_residual_makes_every_identity_block_the_identity(name):
     torch.manual_seed(0)
     blocks = {}
@@ -282,9 +283,14 @@ def test_narrow_resnext_keeps_one_channel_per_group():
 
 
 @pytest.mark.parametrize("name, knobs, words", [
-    ("resnet18", {"shortcut": "D"}, ["model.shortcut=D", "A, B, C"]),
+    ("resnet18", {"shortcut": "E"}, ["model.shortcut=E", "A, B, C, D"]),
     ("resnet18", {"block": "preac"}, ["model.block=preac", "did you mean preact"]),
-    ("resnet18", {"stem": "tiny"}, ["model.stem=tiny", "imagenet, cifar"]),
+    ("resnet18", {"stem": "tiny"}, ["model.stem=tiny", "imagenet, cifar, deep"]),
+    ("resnet18", {"attention": "sse"}, ["model.attention=sse", "none, se, eca", "did you mean se"]),
+    ("resnet50", {"attention_reduction": 0}, ["model.attention_reduction=0", ">= 1"]),
+    ("preact_resnet18", {"attention": "se"}, ["model.attention=se", "post-activation", "preact"]),
+    ("wrn_16_8", {"blur": True}, ["model.blur=True", "basic or bottleneck"]),
+    ("resnet50d", {"width": 1}, ["model.width=1", "deep stem"]),
     ("wrn_28_10", {"dropout": 1.0}, ["model.dropout=1.0", "[0, 1)"]),
     ("resnet50", {"groups": 0}, ["model.groups=0", ">= 1"]),
     ("resnet18", {"layers": []}, ["model.layers=[]", "at least one stage"]),

@@ -49,6 +49,23 @@ def test_benchmark_says_where_the_data_is_missing(tmp_path, python):
     assert "train-images-idx3-ubyte" in proc.stderr and str(tmp_path) in proc.stderr
 
 
+def test_image_folder_decoders_are_timed_side_by_side_on_the_same_pixels(fmnist_root, tmp_path, python):
+    out = tmp_path / "decoders.json"
+    proc = subprocess.run(
+        [python, str(ROOT / "benchmarks" / "image_folder.py"), "--root", str(fmnist_root), "--pngs",
+         str(tmp_path / "pngs"), "--decoders", "--rounds", "2", "--files", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    kinds = ["28x28 grey PNG", "500x375 colour PNG", "500x375 colour JPEG"]
+    assert list(result["us_per_image"]) == kinds and result["same_pixels"] == dict.fromkeys(kinds, True)
+    for kind in kinds:
+        rounds = result["us_per_image_rounds"][kind]
+        assert list(rounds) == ["torchvision.io", "torchcodec", "PIL"]
+        assert all(len(r) == 2 and min(r) > 0 for r in rounds.values())
+    assert "torchcodec/torchvision.io" in proc.stdout and "NO" not in proc.stdout
+
+
 def time_to_accuracy(python, root, out, *args, **run):
     """The benchmark at a tiny size: the script's network at width 4, 2 batches of 32 per epoch;
     the preset at width 4, 2 batches an epoch."""

@@ -30,7 +30,7 @@ from resnet_lab.progress import ProgressBar
 
 log = logging.getLogger("resnet_lab")
 
-VERSION = 1  # of the index and the decoding: a cache of another version is rebuilt
+VERSION = 2  # of the index and the decoding (2: EXIF orientation applied); another version is rebuilt
 FOLDER = ".resnet_lab_cache"  # under the data root; hidden, so never taken for a class
 CHUNK = 256  # images decoded (by the threads) between writes
 

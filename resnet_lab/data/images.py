@@ -3,26 +3,23 @@ decoded to a uint8 tensor; a file that cannot be read stops the run with one lin
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from torchcodec.decoders import decode_gif, decode_jpeg, decode_png, decode_webp
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.errors import UserError
 
 IMAGE_SUFFIXES = set(datasets.folder.IMG_EXTENSIONS)  # the files ImageFolder reads
-# torchvision.io decodes these in one call on the raw bytes (measured here, against PIL: as fast
-# for a 28x28 PNG, 1.2x for a 500x375 PNG, 1.9x for that JPEG); PIL decodes the rest, and says
-# what is wrong with a bad file.
-FAST_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
-# torchvision 0.29 announces that TorchCodec will take over its image decoders, a warning with
-# every image decoded; until then they are the fastest here.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# TorchCodec decodes these in one call on the raw bytes, faster than PIL (docs/image_folder.md),
+# each format's decoder chosen by the file's ending (its sniffing of the bytes costs a fifth of a
+# small PNG's decode); PIL decodes the rest, and files that are not what their ending says, and
+# says what is wrong with a bad file.
+CODECS = {".png": decode_png, ".jpg": decode_jpeg, ".jpeg": decode_jpeg, ".webp": decode_webp, ".gif": decode_gif}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL's modes of one-channel images
 
 Sample = Tuple[str, int]  # (path, class index)
@@ -71,36 +68,49 @@ def reading(path: str, what: str = "dataset image_folder"):
 
 
 def headers(paths: List[str]) -> Tuple[Dict[Tuple[int, int], str], int]:
-    """Each image size found (with a file of that size), and the channels to decode to: 1 when
-    every image is grey, else 3. Opening every file's header (about 20 us a file here, where
-    decoding a 500x375 JPEG takes 0.6 ms) finds empty, non-image and unreadable files before
+    """Each image size found, upright (with a file of that size), and the channels to decode to:
+    1 when every image is grey, else 3. Opening every file's header (about 20 us a file here,
+    where decoding a 500x375 JPEG takes 0.6 ms) finds empty, non-image and unreadable files before
     training does; truncated ones are found when decoded."""
-    from PIL import Image
+    from PIL import ExifTags, Image
 
     sizes, grey = {}, True
     for path in paths:
         with reading(path), Image.open(path) as im:
-            sizes.setdefault(im.size, path)
+            # Orientations 5-8 turn the image a quarter; only files with EXIF data pay for reading it.
+            turned = "exif" in im.info and im.getexif().get(ExifTags.Base.Orientation, 1) > 4
+            sizes.setdefault(im.size[::-1] if turned else im.size, path)
             grey = grey and im.mode in GREY_MODES
     return sizes, 1 if grey else 3
 
 
 def decode(path: str, channels: int, resize: Optional[int] = None, what: str = "dataset image_folder",
            size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """The image as uint8 channels x H x W (resize x resize when resize is set, else `size` where
-    it differs); `what`: who reads it, for the line naming a file that cannot be read."""
-    from PIL import Image
-
+    """The image as uint8 channels x H x W, upright as its EXIF orientation says (resize x resize
+    when resize is set, else `size` where it differs), the first frame of an animation; `what`:
+    who reads it, for the line naming a file that cannot be read."""
+    codec = CODECS.get(os.path.splitext(path)[1].lower())
     image = None
-    if Path(path).suffix.lower() in FAST_SUFFIXES:
+    if codec is not None:
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
-            image = TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
-        except RuntimeError:
-            pass  # PIL reads it again: it decodes some files torchvision.io does not, or names the fault
+            # The bytes as a tensor: given bytes or a path, TorchCodec wraps them in a warnings
+            # context, 7 us a call here, a sixth of decoding a 28x28 PNG. "auto": 16-bit PNGs
+            # come as uint16, to keep their top 8 bits (rather than TorchCodec's rounding of x/257).
+            image = codec(torch.from_numpy(np.fromfile(path, dtype=np.uint8)),
+                          mode="GRAY" if channels == 1 else "RGB", output_dtype="auto")
+        except (OSError, RuntimeError, ValueError):
+            pass  # PIL reads it again: it decodes some files TorchCodec does not, or names the fault
     if image is None:
+        from PIL import Image, ImageOps
+
         with reading(path, what), Image.open(path) as im:
-            image = TF.pil_to_tensor(im.convert("L" if channels == 1 else "RGB"))
+            if channels == 1:
+                im.draft("L", im.size)  # a JPEG turns grey in libjpeg, as TorchCodec turns it; others ignore it
+            image = TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB"))
+    elif image.ndim == 4:
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = TF.to_dtype(image, torch.uint8, scale=True)
     size = [resize, resize] if resize else size and list(size)
     if size and list(image.shape[-2:]) != size:
         image = TF.resize(image, size, antialias=True)

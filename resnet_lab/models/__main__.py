@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from resnet_lab.models import MODELS
 
 # The input each stem was designed for: (image size, classes).
-LAYOUTS = {"imagenet": (224, 1000), "cifar": (32, 10)}
+LAYOUTS = {"imagenet": (224, 1000), "deep": (224, 1000), "cifar": (32, 10)}
 
 
 def measure(name: str, size: int, in_channels: int = 3, num_classes: int = 1000) -> Tuple[int, int]:

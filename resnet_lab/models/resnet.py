@@ -2,11 +2,14 @@
 
 Module names follow torchvision's resnet.py (conv1, bn1, layer1..N, downsample, fc), and modules
 are registered in its order, so its state dicts load unchanged and one seed gives the same
-initial weights.
+initial weights. Where torchvision has no such part (the deep stem, the average-pool shortcut,
+channel attention) the names are timm's (conv1.0..6, downsample.1..2, se), so timm's state dicts
+load unchanged too.
 """
 
+import math
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +18,11 @@ from torch import nn
 from resnet_lab.errors import UserError, closest
 from resnet_lab.models.registry import MODELS
 
-STEMS = ("imagenet", "cifar")
-SHORTCUTS = ("A", "B", "C")
+STEMS = ("imagenet", "cifar", "deep")
+SHORTCUTS = ("A", "B", "C", "D")
 INITS = ("kaiming", "pytorch")
+ATTENTIONS = ("none", "se", "eca")
+POST_ACTIVATION = ("basic", "bottleneck")
 
 
 @dataclass
@@ -30,8 +35,18 @@ class Architecture:
     block: str = "basic"  # a key of BLOCKS
     width: int = 64  # the stem's channels; stage i has width * widen * 2**i planes
     widen: int = 1
-    stem: str = "imagenet"  # 7x7/2 conv and 3x3/2 max-pool; cifar: one 3x3/1 conv
-    shortcut: str = "B"  # He et al. 2015's options A, B, C
+    # imagenet: a 7x7/2 conv and a 3x3/2 max-pool; cifar: one 3x3/1 conv; deep: three 3x3 convs
+    # (width / 2, width / 2, width channels, the first /2) and the max-pool (He et al. 2019's ResNet-C)
+    stem: str = "imagenet"
+    # He et al. 2015's options A, B, C; D: B's projection with its stride moved to a 2x2 average
+    # pool before it (He et al. 2019's ResNet-D)
+    shortcut: str = "B"
+    # Channel attention at the end of each residual branch: se (Hu et al. 2018), eca (Wang et al. 2020)
+    attention: str = "none"
+    attention_reduction: int = 16  # SE's hidden channels: the branch's channels / this
+    # Anti-aliased downsampling (Zhang 2019): each strided 3x3 conv (and the stem's max-pool)
+    # runs at stride 1, then a 3x3 binomial blur subsamples by 2
+    blur: bool = False
     groups: int = 1  # ResNeXt's cardinality (bottleneck blocks)
     width_per_group: int = 64
     dropout: float = 0.0  # between a block's convs (WRN)
@@ -63,6 +78,66 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra_channels))
 
 
+class SqueezeExcite(nn.Module):
+    """Hu et al. 2018: each channel's mean through a 1x1 bottleneck (ReLU) and a sigmoid scales
+    that channel. The hidden channels are channels / reduction rounded to the nearest multiple of
+    8, at least 8: timm's rule, so its SE models' weights fit."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(8, int(channels / reduction + 4) // 8 * 8)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA (Wang et al. 2020): the channels' means, a 1-D conv across neighbouring channels and a
+    sigmoid scale the channels; the conv's odd kernel grows with log2(channels), as the paper and
+    timm compute it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        t = int(abs(math.log(channels, 2) + 1) / 2)
+        k = max(t if t % 2 else t + 1, 3)
+        self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean((2, 3)).view(len(x), 1, -1))
+        return x * y.sigmoid().view(len(x), -1, 1, 1)
+
+
+class BlurPool(nn.Module):
+    """Zhang 2019: each channel low-pass filtered by the 3x3 binomial kernel ([1, 2, 1] / 4 times
+    its transpose) on reflected borders, as timm pads, then subsampled by 2. A 1-pixel map has
+    nothing to reflect (timm fails there): its border repeats the pixel. The kernel is a
+    constant, not part of the state dict."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0]) / 4
+        self.register_buffer("filt", (k[:, None] * k[None, :]).expand(channels, 1, 3, 3).contiguous(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), self.filt, stride=2, groups=len(self.filt))
+
+
+def make_attention(kind: str, channels: int, reduction: int) -> nn.Module:
+    if kind == "se":
+        return SqueezeExcite(channels, reduction)
+    return EfficientChannelAttention(channels) if kind == "eca" else nn.Identity()
+
+
+def strided(stride: int, blur: bool, channels: int) -> Tuple[int, nn.Module]:
+    """A strided conv's own stride and what follows its activation: the blur subsamples instead."""
+    return (1, BlurPool(channels)) if blur and stride > 1 else (stride, nn.Identity())
+
+
 @dataclass(frozen=True)
 class BlockOptions:
     shortcut: str = "B"
@@ -76,6 +151,9 @@ class BlockOptions:
     # Pre-activation blocks: BN-ReLU the input. The network's first block gets it from the stem.
     preactivate: bool = True
     drop_path: float = 0.0  # this block's
+    attention: str = "none"  # post-activation blocks
+    attention_reduction: int = 16
+    blur: bool = False  # post-activation blocks
 
 
 class DropPath(nn.Module):
@@ -95,11 +173,16 @@ class DropPath(nn.Module):
 
 def make_shortcut(opts: BlockOptions, cin: int, cout: int, stride: int, norm: bool) -> Optional[nn.Module]:
     """He et al. 2015, section 3.3: A pads where the shape changes, B projects there, C projects
-    in every block. None is the plain identity."""
+    in every block; D (He et al. 2019) projects where B does, after a 2x2 average pool that takes
+    the stride, so the 1x1 conv sees every pixel. None is the plain identity."""
     reshapes = stride != 1 or cin != cout
-    if opts.shortcut == "C" or (opts.shortcut == "B" and reshapes):
-        projection = conv1x1(cin, cout, stride, bias=opts.bias)
-        return nn.Sequential(projection, nn.BatchNorm2d(cout)) if norm else nn.Sequential(projection)
+    if opts.shortcut == "C" or (opts.shortcut in ("B", "D") and reshapes):
+        layers = [conv1x1(cin, cout, stride, bias=opts.bias)]
+        if opts.shortcut == "D":
+            # timm's layout (pool, conv, BN), whose keys its resnet*d weights have.
+            pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+            layers = [pool, conv1x1(cin, cout, bias=opts.bias)]
+        return nn.Sequential(*layers, *([nn.BatchNorm2d(cout)] if norm else []))
     return PadShortcut(cout - cin, stride) if reshapes else None
 
 
@@ -120,19 +203,21 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
-        self.conv1 = conv3x3(cin, planes, stride, bias=opts.bias)
+        conv_stride, self.blur = strided(stride, opts.blur, planes)
+        self.conv1 = conv3x3(cin, planes, conv_stride, bias=opts.bias)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.dropout = make_dropout(opts.dropout)
         self.conv2 = conv3x3(planes, planes, bias=opts.bias)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.se = make_attention(opts.attention, planes, opts.attention_reduction)
         self.downsample = make_shortcut(opts, cin, planes, stride, opts.projection_norm)
         self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(self.dropout(out)))
+        out = self.blur(self.relu(self.bn1(self.conv1(x))))
+        out = self.se(self.bn2(self.conv2(self.dropout(out))))
         return self.relu(self.drop_path(out) + identity)
 
     def zero_init_last(self) -> None:
@@ -148,22 +233,24 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int = 1, opts: BlockOptions = BlockOptions()):
         super().__init__()
         width = bottleneck_width(planes, opts)
+        conv_stride, self.blur = strided(stride, opts.blur, width)
         self.conv1 = conv1x1(cin, width, bias=opts.bias)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, opts.groups, bias=opts.bias)
+        self.conv2 = conv3x3(width, width, conv_stride, opts.groups, bias=opts.bias)
         self.bn2 = nn.BatchNorm2d(width)
         self.dropout = make_dropout(opts.dropout)
         self.conv3 = conv1x1(width, planes * self.expansion, bias=opts.bias)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
+        self.se = make_attention(opts.attention, planes * self.expansion, opts.attention_reduction)
         self.downsample = make_shortcut(opts, cin, planes * self.expansion, stride, opts.projection_norm)
         self.drop_path = DropPath(opts.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.dropout(out)))
+        out = self.blur(self.relu(self.bn2(self.conv2(out))))
+        out = self.se(self.bn3(self.conv3(self.dropout(out))))
         return self.relu(self.drop_path(out) + identity)
 
     def zero_init_last(self) -> None:
@@ -240,7 +327,8 @@ class ResNet(nn.Module):
 
     Stage i holds layers[i] blocks of width * widen * 2**i planes (times the block's expansion at
     its output); every stage but the first halves the resolution in its first block. The stem is
-    conv-BN-ReLU, 7x7/2 plus a 3x3/2 max-pool ("imagenet") or 3x3/1 ("cifar"). Pre-activation
+    conv-BN-ReLU, 7x7/2 plus a 3x3/2 max-pool ("imagenet"), 3x3/1 ("cifar"), or three 3x3 convs,
+    the first /2, plus the max-pool ("deep"). Pre-activation
     networks take their first block's BN-ReLU from the stem and end in BN-ReLU before the pool,
     as fb.resnet.torch's preresnet does.
 
@@ -255,13 +343,24 @@ class ResNet(nn.Module):
         width = arch.width
         block_cls = BLOCKS[arch.block]
         opts = BlockOptions(arch.shortcut, arch.groups, arch.width_per_group, arch.dropout, arch.bias,
-                            arch.projection_norm)
+                            arch.projection_norm, attention=arch.attention,
+                            attention_reduction=arch.attention_reduction, blur=arch.blur)
         if arch.stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, width, 7, 2, padding=3, bias=arch.bias)
-            self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        elif arch.stem == "deep":
+            half = width // 2
+            self.conv1 = nn.Sequential(
+                conv3x3(in_channels, half, 2, bias=arch.bias), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                conv3x3(half, half, bias=arch.bias), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                conv3x3(half, width, bias=arch.bias))
         else:
             self.conv1 = conv3x3(in_channels, width, bias=arch.bias)
+        if arch.stem == "cifar":
             self.maxpool = nn.Identity()
+        elif arch.blur:
+            self.maxpool = nn.Sequential(nn.MaxPool2d(3, 1, padding=1), BlurPool(width))
+        else:
+            self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
 
@@ -306,12 +405,13 @@ class ResNet(nn.Module):
 
 def check(arch: Architecture) -> None:
     """What the knobs' types cannot say, as one line naming the config key."""
-    choices = {"block": tuple(BLOCKS), "stem": STEMS, "shortcut": SHORTCUTS, "weight_init": INITS}
+    choices = {"block": tuple(BLOCKS), "stem": STEMS, "shortcut": SHORTCUTS, "weight_init": INITS,
+               "attention": ATTENTIONS}
     for key, allowed in choices.items():
         value = getattr(arch, key)
         if value not in allowed:
             raise UserError(f"model.{key}={value}: must be one of {', '.join(allowed)}{closest(value, allowed)}")
-    for key in ("width", "widen", "groups", "width_per_group"):
+    for key in ("width", "widen", "groups", "width_per_group", "attention_reduction"):
         if getattr(arch, key) < 1:
             raise UserError(f"model.{key}={getattr(arch, key)}: must be >= 1")
     if not arch.layers or min(arch.layers) < 1:
@@ -322,6 +422,12 @@ def check(arch: Architecture) -> None:
     if BLOCKS[arch.block].expansion == 1 and (arch.groups != 1 or arch.width_per_group != 64):
         raise UserError(f"model.groups={arch.groups}, model.width_per_group={arch.width_per_group}: "
                         "basic blocks take only 1 and 64; grouped convs need a bottleneck block")
+    for key, off in (("attention", "none"), ("blur", False)):
+        if getattr(arch, key) != off and arch.block not in POST_ACTIVATION:
+            raise UserError(f"model.{key}={getattr(arch, key)}: needs a post-activation block "
+                            f"(model.block={' or '.join(POST_ACTIVATION)}), not {arch.block}")
+    if arch.stem == "deep" and arch.width < 2:
+        raise UserError(f"model.width={arch.width}: the deep stem needs >= 2 (its first convs have width / 2)")
 
 
 def variant(name: str, paper: str, **knobs) -> None:
@@ -381,3 +487,37 @@ WRN = {"width": 16, "stem": "cifar", "block": "preact"}
 variant("wrn_16_8", "WRN-16-8, Zagoruyko & Komodakis 2016", layers=[2, 2, 2], widen=8, **WRN)
 variant("wrn_28_10", "WRN-28-10, Zagoruyko & Komodakis 2016", layers=[4, 4, 4], widen=10, **WRN)
 variant("wrn_40_4", "WRN-40-4, Zagoruyko & Komodakis 2016", layers=[6, 6, 6], widen=4, **WRN)
+
+# He et al. 2019, "Bag of Tricks for Image Classification with Convolutional Neural Networks":
+# ResNet-D is ResNet-B (torchvision's stride on the 3x3) with ResNet-C's deep stem and the
+# average-pool shortcut; its residual branches start at zero (the paper's zero gamma), as timm's
+# models of these names, whose weights load into them unchanged (tests/test_timm_models.py).
+TRICKS = {"stem": "deep", "shortcut": "D", "zero_init_residual": True}
+variant("resnet18d", "ResNet-18-D, He et al. 2019 (Bag of Tricks; timm's resnet18d)", layers=[2, 2, 2, 2], **TRICKS)
+variant("resnet26d", "ResNet-26-D, He et al. 2019 (Bag of Tricks; timm's resnet26d)", layers=[2, 2, 2, 2],
+        block="bottleneck", **TRICKS)
+variant("resnet34d", "ResNet-34-D, He et al. 2019 (Bag of Tricks; timm's resnet34d)", layers=[3, 4, 6, 3], **TRICKS)
+variant("resnet50d", "ResNet-50-D, He et al. 2019 (Bag of Tricks; timm's resnet50d)", layers=[3, 4, 6, 3],
+        block="bottleneck", **TRICKS)
+variant("resnet101d", "ResNet-101-D, He et al. 2019 (Bag of Tricks; timm's resnet101d)", layers=[3, 4, 23, 3],
+        block="bottleneck", **TRICKS)
+# Channel attention on each residual branch: squeeze-and-excitation (Hu et al. 2018) and ECA
+# (Wang et al. 2020), as timm builds them.
+SE = {"attention": "se", "zero_init_residual": True}
+variant("seresnet50", "SE-ResNet-50, Hu et al. 2018 (timm's seresnet50)", layers=[3, 4, 6, 3], block="bottleneck",
+        **SE)
+variant("seresnext26d_32x4d", "SE-ResNeXt-26-D 32x4d, Hu et al. 2018 on He et al. 2019's ResNet-D (timm's "
+        "seresnext26d_32x4d)", layers=[2, 2, 2, 2], block="bottleneck", groups=32, width_per_group=4,
+        **SE, stem="deep", shortcut="D")
+variant("seresnext50_32x4d", "SE-ResNeXt-50 32x4d, Hu et al. 2018 (timm's seresnext50_32x4d)", layers=[3, 4, 6, 3],
+        block="bottleneck", groups=32, width_per_group=4, **SE)
+variant("ecaresnet50d", "ECA-ResNet-50-D, Wang et al. 2020 on He et al. 2019's ResNet-D (timm's ecaresnet50d)",
+        layers=[3, 4, 6, 3], block="bottleneck", **{**TRICKS, "attention": "eca"})
+# Anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again").
+BLUR = {"blur": True, "zero_init_residual": True}
+variant("resnetblur18", "ResNet-18 with blur-pooled downsampling, Zhang 2019 (timm's resnetblur18)",
+        layers=[2, 2, 2, 2], **BLUR)
+variant("resnetblur50", "ResNet-50 with blur-pooled downsampling, Zhang 2019 (timm's resnetblur50)",
+        layers=[3, 4, 6, 3], block="bottleneck", **BLUR)
+variant("resnetblur50d", "ResNet-50-D with blur-pooled downsampling, Zhang 2019 (timm's resnetblur50d)",
+        layers=[3, 4, 6, 3], block="bottleneck", **{**TRICKS, **BLUR})

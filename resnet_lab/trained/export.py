@@ -1,4 +1,4 @@
-"""`python -m resnet_lab.export RUN_DIR --format torchscript|onnx|pt2 [--out PATH]
+"""`python -m resnet_lab.export RUN_DIR --format pt2|onnx [--out PATH]
 [checkpoint=last|best|ema|PATH] [overrides]`: a trained run's model for serving, checked against
 eager PyTorch.
 
@@ -7,12 +7,12 @@ N x C x H x W at the run's size, and returns logits: the run's normalisation (pe
 and std of its training images) is folded in, so a server needs no constants of its own. It is
 exported on the CPU in fp32, in eval mode; its outputs on a batch of test images are compared with
 the eager model's, and the largest absolute difference printed. Nothing is left at --out unless
-that check passes.
+that check passes. Both formats come from torch.export; TorchScript, which torch deprecates, is
+not offered.
 """
 
 import argparse
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
@@ -23,7 +23,7 @@ from resnet_lab.errors import UserError
 from resnet_lab.trained import load as trained
 
 OPTIONS = {"checkpoint": "last"}
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 CPU_FP32 = ["device=cpu", "device.precision=fp32", "device.channels_last=false", "device.compile=false"]
 TOLERANCE = 1e-4  # of the largest absolute difference, relative to the largest logit (at least 1)
 CHECK_IMAGES = 8
@@ -43,34 +43,33 @@ class Deployed(nn.Module):
         return self.model((images.float() - self.shift) * self.scale)
 
 
-def torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
-    torch.jit.save(torch.jit.trace(module, example), str(path))
-    return torch.jit.load(str(path))
+def dynamic_batch() -> tuple:
+    """torch.export's dynamic_shapes for the one input: any batch size."""
+    return ({0: torch.export.Dim("batch", min=1)},)
 
 
 def pt2(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
-    batch = torch.export.Dim("batch", min=1)
-    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=({0: batch},)), str(path))
+    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic_batch()), str(path))
     return torch.export.load(str(path)).module()
 
 
 def onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
     try:
-        import onnx as _  # noqa: F401  (the exporter needs it; onnxruntime runs the check)
+        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript; onnxruntime runs the check)
         import onnxruntime
+        import onnxscript  # noqa: F401
     except ImportError as e:
-        raise UserError(f"--format onnx needs the packages onnx and onnxruntime ({e.name} is missing): "
-                        f"pip install 'resnet_lab[onnx]'") from e
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter needs no onnxscript; torch warns that it is not the default.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        raise UserError(f"--format onnx needs the packages onnx, onnxscript and onnxruntime ({e.name} is "
+                        f"missing): pip install 'resnet_lab[onnx]'") from e
+    # The weights inside the one file (they are far below ONNX's 2 GB limit), so that renaming it
+    # into place moves them too.
+    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes=dynamic_batch(), dynamo=True, external_data=False, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
-FORMATS: Dict[str, Callable] = {"torchscript": torchscript, "onnx": onnx, "pt2": pt2}
+FORMATS: Dict[str, Callable] = {"onnx": onnx, "pt2": pt2}
 
 
 def export(run: trained.Trained, fmt: str, out: Path) -> float:

@@ -1,24 +1,27 @@
 """A trained run, loaded again for `evaluate`, `predict` and `export`: its config (with the
 command's overrides), its data, and its model with the chosen weights, in eval mode.
 
-The config is composed as the run composed it (its .hydra/overrides.yaml), with the command's
-overrides after them: `dataset=cifar10 dataset.root=...` evaluates on another data set, which
-must have the run's classes.
+The config is the one the run trained with (its .hydra/config.yaml), not composed again from
+the packaged options, which a run made with --config-dir lacks and an edited preset would
+change. The command's overrides apply to it as to any Hydra config: `dataset.root=...` changes
+one key, `dataset=cifar10 dataset.root=...` replaces the run's dataset by the packaged option
+(another data set, which must have the run's classes).
 """
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import device as device_setup
 from resnet_lab import rundir
-from resnet_lab.config import register_configs, validate
+from resnet_lab.config import DATASET_KINDS, DatasetConfig, register_configs, validate
 from resnet_lab.data import Data, build_data
 from resnet_lab.errors import UserError, describe
 from resnet_lab.models import build_model, weights
@@ -55,17 +58,42 @@ def split_args(args: Sequence[str], options: Dict[str, str]) -> Tuple[Dict[str, 
 
 
 def run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
-    """The run's config, composed again from its overrides, then the given ones."""
-    record = run_dir / rundir.HYDRA_RECORD / "overrides.yaml"
+    """The config the run trained with, then the given overrides.
+
+    Hydra composes it, so that overrides mean what they mean for training: the run's own groups
+    are stored as options named RUN of their groups (the defaults list picks them), its other
+    keys are the primary config's."""
+    record = run_dir / rundir.HYDRA_RECORD / "config.yaml"
     if not record.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no {rundir.HYDRA_RECORD}/overrides.yaml); give the "
+        raise UserError(f"{run_dir}: not a run folder (no {rundir.HYDRA_RECORD}/config.yaml); give the "
                         f"folder a training run wrote, e.g. outputs/runs/<date>/<time>")
-    saved = [o for o in OmegaConf.load(record) if not o.startswith(("hydra.", "trainer.resume="))]
+    saved = OmegaConf.to_container(OmegaConf.load(record))
     register_configs()
+    store = ConfigStore.instance()
+    for group in GROUPS:
+        store.store(group=group, name=RUN, node=_typed(group, saved.pop(group)))
+    store.store(name=RUN, node={"defaults": ["schema", "_self_", *({group: RUN} for group in GROUPS)], **saved})
     with initialize_config_module("resnet_lab.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[*saved, *overrides])
+        cfg = compose(RUN, overrides=list(overrides))
     validate(cfg)
     return cfg
+
+
+# The config groups of conf/config.yaml's defaults list that hold keys of their own (the others
+# are presets that set keys of these), and the name the run's own option of each is stored under.
+GROUPS = ("model", "dataset", "optim", "sched", "device", "logger")
+RUN = "trained_run"
+
+
+def _typed(group: str, node: dict):
+    """A dataset under the schema of its kind (the first with all its keys: the common one for a
+    dataset of one's own that adds none), which the dataset option it came from had named; the
+    other groups' schemas are the Config's own."""
+    if group != "dataset":
+        return node
+    kind = next(schema for schema in (DatasetConfig, *DATASET_KINDS.values())
+                if set(node) <= {f.name for f in fields(schema)})
+    return OmegaConf.merge(OmegaConf.structured(kind), node)
 
 
 def weights_file(run_dir: Path, choice: str) -> Path:

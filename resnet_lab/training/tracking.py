@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
 from resnet_lab.config import chooses_best, chosen_epoch, objective
-from resnet_lab.errors import UserError
+from resnet_lab.errors import UserError, reason
 from resnet_lab.preemption import Stopped
 from resnet_lab.progress import ProgressBar
 from resnet_lab.rundir import write_file, write_status
@@ -218,7 +218,8 @@ class Tracker:
                     self.wandb.mark_preempting()
                 self.finish({}, exit_code=exc.code, status="stopped")
             else:
-                self.finish({}, exit_code=0 if exc_type is None else 1)
+                # A failed run's W&B summary says why (the same line as train.log's last).
+                self.finish({} if exc is None else {"error": reason(exc)}, exit_code=0 if exc_type is None else 1)
         except UserError:
             # A status the full disk could not take says less than the error that ended the run.
             if exc is None:

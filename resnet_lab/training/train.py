@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import distributed, rundir
 from resnet_lab.config import register_configs, returned, validate
-from resnet_lab.errors import HeldBack, UserError
+from resnet_lab.errors import HeldBack, UserError, reason
 from resnet_lab.training import resume
 from resnet_lab.training.resume import meaningful
 from resnet_lab.training.trainer import Trainer
@@ -90,7 +90,20 @@ def run(cfg: DictConfig) -> float:
     # Hydra record (resnet_lab/__main__.py).
     with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
             rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
-        return launch(cfg, run_dir, ranks)
+        try:
+            return launch(cfg, run_dir, ranks)
+        except Exception as e:
+            to_log_file(f"error: {reason(e)}")
+            raise
+
+
+def to_log_file(line: str) -> None:
+    """A line for the run's train.log alone (Hydra's file handlers): python -m resnet_lab prints
+    the same `error: ...` on the console once the job has ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def launch(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> float:

@@ -28,7 +28,7 @@ from resnet_lab.config import chooses_best, objective, returned
 from resnet_lab.data import build_data
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, weights
-from resnet_lab.optim import build_optimizer, build_scheduler
+from resnet_lab.optim import build_optimizer, build_scheduler, logged_rates
 from resnet_lab.preemption import Stopped, StopSignals
 from resnet_lab.training import checkpoint
 from resnet_lab.training.confusion import Confusion
@@ -270,14 +270,14 @@ class Trainer(Callback):
 
     def evaluate(self) -> Dict[str, float]:
         """The epoch's row: its training totals, the validation and test metrics, the features'
-        (an EMA's metrics, say), the learning rate and speed."""
+        (an EMA's metrics, say), the learning rates and momentum (optim.logged_rates) and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
         self.confusion = Confusion(self.data.num_classes, self.runtime.device)
         features = {key: value for feature in self.features for key, value in feature.end_epoch().items()}
         return {"epoch": self.state.epoch, **whole.metrics(), **self.evaluations(self.forward, self.confusion.add),
-                **features,
-                "lr": self.scheduler.get_last_lr()[0], "seconds": seconds, "images_per_s": whole.seen / seconds}
+                **features, **logged_rates(self.optimizer, self.cfg.optim.backbone_lr_scale != 1),
+                "seconds": seconds, "images_per_s": whole.seen / seconds}
 
     def evaluations(self, model: torch.nn.Module, keep=None) -> Dict[str, float]:
         """The loss and accuracy of `model` on the validation split (if any) and the test split;
