@@ -21,7 +21,6 @@ speed of a shared machine drifts over minutes.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from resnet_lab.device import device_name
 from resnet_lab.errors import ended
 
 PIPELINES = ("baseline", "bare", "resnet_lab", "bare_best", "resnet_lab_best")
@@ -300,16 +300,6 @@ def check_root(root: str) -> None:
     if missing:
         raise SystemExit(f"error: --root {root}: {', '.join(missing)} not found in {raw} "
                          f"(Fashion-MNIST in torchvision's raw layout)")
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def cpu_wait_us():

@@ -2,8 +2,10 @@
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 
@@ -64,6 +66,29 @@ class Runtime:
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def device_name(kind: str) -> str:
+    """The GPU's name, or the CPU's model, cores and the widest instruction set torch dispatches to."""
+    if kind == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def resolved(runtime: Runtime) -> Dict:
+    """What the run's config left to the machine (device.type auto, precision and channels_last
+    null), as this machine settled it, and what runs the kernels: for the run's record."""
+    cudnn = torch.backends.cudnn.version() if runtime.device.type == "cuda" else None
+    return {"device": runtime.device.type, "device_name": device_name(runtime.device.type),
+            "precision": runtime.precision, "memory_format": "channels_last" if runtime.channels_last else "contiguous",
+            "compile": runtime.compile_mode if runtime.compile else False,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(), "onednn_isa": onednn_isa(),
+            "python": platform.python_version()}
 
 
 def _cpu_supports(feature: str) -> bool:

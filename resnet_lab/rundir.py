@@ -40,6 +40,9 @@ EMA = "ema.pt"  # inside CHECKPOINTS: the EMA of the weights at the last checkpo
 WEIGHTS_PREFIX = "weights-"  # inside CHECKPOINTS: each checkpoint's weights, in a file of their own
 MODEL = "model.pt"  # the final weights
 METRICS = "metrics.jsonl"
+# What the config left to the machine (device.type auto, precision null, ...) as the last part
+# that trained settled it, with the ranks, batches, split sizes and versions (Trainer.runtime_record).
+RUNTIME = "runtime.json"
 # One word: running (from the start), then finished, failed, or stopped (by a signal, after
 # writing last.pt). A run killed outright stays "running", which is how `compare` tells an
 # interrupted run from a finished one.

@@ -81,10 +81,10 @@ def test_trains_resumes_evaluates_and_exports(kind, tmp_path, monkeypatch, capsy
     code, out, err = command(evaluate, [run_dir], monkeypatch, capsys)
     assert code == 0, err
     assert f"accuracy {runs.metrics(run_dir)[-1]['test_acc']:.4f}" in out
-    out_file = tmp_path / "model.torchscript.pt"
-    code, said, err = command(export, [run_dir, "--format", "torchscript", "--out", out_file], monkeypatch, capsys)
+    out_file = tmp_path / "model.pt2"
+    code, said, err = command(export, [run_dir, "--format", "pt2", "--out", out_file], monkeypatch, capsys)
     assert code == 0, err
-    assert said.startswith(f"wrote {out_file} (torchscript): uint8 images N x {stem.shape[1]} x 32 x 32 in, "
+    assert said.startswith(f"wrote {out_file} (pt2): uint8 images N x {stem.shape[1]} x 32 x 32 in, "
                            f"{classes} logits out")
 
 

@@ -30,7 +30,7 @@ def test_non_editable_install_runs_from_elsewhere(tmp_path, fmnist_root):
 
 def test_user_config_dir_adds_options(tmp_path, fmnist_root):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "my_resnet.yaml").write_text("name: resnet18\nwidth: 4\nlayers: [1, 1, 1, 1]\n")
+    (tmp_path / "model" / "my_resnet.yaml").write_text("defaults: [resnet18, _self_]\nname: my_resnet\nwidth: 4\nlayers: [1, 1, 1, 1]\n")
     proc = subprocess.run(
         [sys.executable, "-m", "resnet_lab", "--config-dir", str(tmp_path), "model=my_resnet",
          "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -113,14 +113,14 @@ def test_a_run_of_ones_own_model_config_is_loaded_with_the_config_it_trained_wit
     # A model of one's own, named as one likes (not a variant's name), from --config-dir.
     (tmp_path / "my_conf" / "model").mkdir(parents=True)
     own = tmp_path / "my_conf" / "model" / "tiny.yaml"
-    own.write_text("name: tiny\nwidth: 4\nlayers: [1, 1]\nstem: cifar\n")
+    own.write_text("defaults: [resnet18, _self_]\nname: tiny\nwidth: 4\nlayers: [1, 1]\nstem: cifar\n")
     run_dir = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["resnet_lab", "--config-dir", str(tmp_path / "my_conf"), "model=tiny", *SMALL,
                                      "trainer.epochs=1", f"hydra.run.dir={run_dir}"])
     main()
     # Edited after training: the run keeps what it trained with.
-    own.write_text("name: tiny\nwidth: 16\n")
+    own.write_text("defaults: [resnet18, _self_]\nname: tiny\nwidth: 16\n")
     cfg = trained.run_config(run_dir, ["trainer.eval_batch_size=8"])
     assert (cfg.model.name, cfg.model.width, list(cfg.model.layers)) == ("tiny", 4, [1, 1])
     assert cfg.trainer.eval_batch_size == 8 and cfg.dataset.train_size == 64
@@ -175,3 +175,27 @@ def test_each_command_after_training_runs_as_python_dash_m(command, tmp_path, mo
         runpy.run_module(f"resnet_lab.{command}", run_name="__main__")
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(f"error: {tmp_path}: not a run folder"), err
+
+
+def test_the_resolved_runtime_is_recorded_beside_the_config_and_in_wandb(tmp_path):
+    from resnet_lab import device as device_setup
+    from tests.wandb_file import read_run
+
+    run_dir = tmp_path / "run"
+    # Left to the machine: device.type auto, precision and channels_last null (device=auto's).
+    cfg = composed(*[o for o in SMALL if not o.startswith(("device", "logger"))], "device=auto", "trainer.epochs=1",
+                   "trainer.accumulate=2", "dataset.val_fraction=0.25", "logger=wandb", "logger.mode=offline")
+    assert cfg.device.type == "auto" and cfg.device.precision is None and cfg.device.channels_last is None
+    train(cfg, run_dir)
+    runtime = json.loads((run_dir / "runtime.json").read_text())
+    settled = device_setup.resolve(cfg.device)
+    assert runtime["device"] == settled.device.type and runtime["precision"] == settled.precision in ("fp32", "bf16")
+    # On the CPU a width-4 network drops the default channels_last (device.channels_last_hazard).
+    assert runtime["memory_format"] == ("contiguous" if settled.device.type == "cpu" else "channels_last")
+    assert runtime["compile"] is False
+    assert (runtime["world_size"], runtime["batch_per_rank"], runtime["global_batch"], runtime["images_per_update"]) \
+        == (1, 16, 16, 32)
+    assert (runtime["train_images"], runtime["val_images"], runtime["test_images"]) == (48, 16, 32)
+    assert runtime["torch"] == torch.__version__ and runtime["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert runtime["device_name"] == device_setup.device_name(settled.device.type)
+    assert read_run(run_dir).config["runtime"] == runtime

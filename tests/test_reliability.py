@@ -315,8 +315,8 @@ def test_a_really_full_file_system_at_the_second_checkpoint_keeps_the_first(fmni
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: could not write {run_dir / rundir.CHECKPOINTS}/{rundir.WEIGHTS_PREFIX}")
     assert "(No space left on device)" in line and line.endswith("free some space, then run again to resume")
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "status",
-                                                         "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "runtime.json",
+                                                         "status", "train.log"]
     assert checkpoint.load(rundir.last(run_dir))["epoch"] == 2
 
 

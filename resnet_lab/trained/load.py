@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import device as device_setup
 from resnet_lab import rundir
-from resnet_lab.config import DATASET_KINDS, DatasetConfig, register_configs, validate
+from resnet_lab.config import DATASET_KINDS, EXTERNAL_MODELS, DatasetConfig, ResNetConfig, register_configs, validate
 from resnet_lab.data import Data, build_data
 from resnet_lab.errors import UserError, describe
-from resnet_lab.models import build_model, weights
+from resnet_lab.models import build_model, source, weights
 from resnet_lab.training import checkpoint
 
 # The last checkpoint's weights, the best epoch's (best.pt), the EMA's at the last checkpoint
@@ -86,9 +86,15 @@ RUN = "trained_run"
 
 
 def _typed(group: str, node: dict):
-    """A dataset under the schema of its kind (the first with all its keys: the common one for a
-    dataset of one's own that adds none), which the dataset option it came from had named; the
-    other groups' schemas are the Config's own."""
+    """A model or dataset under the schema of its kind, which the option it came from had named:
+    a model's by what builds it (models.source; timm's and a class's keyword arguments, added
+    with +model.*, kept), a dataset's the first with all its keys (the common one for a dataset
+    of one's own that adds none). The other groups' schemas are the Config's own."""
+    if group == "model":
+        kinds = {"resnet_lab": ResNetConfig, **EXTERNAL_MODELS}
+        typed = OmegaConf.structured(kinds[source(node)])
+        OmegaConf.set_struct(typed, False)
+        return OmegaConf.merge(typed, node)
     if group != "dataset":
         return node
     kind = next(schema for schema in (DatasetConfig, *DATASET_KINDS.values())

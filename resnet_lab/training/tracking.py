@@ -92,8 +92,9 @@ class Tracker:
     """
 
     def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0,
-                 identity: Optional[Tuple[Optional[str], str]] = None):
-        """identity: the W&B run's (group, name); default: no group, the run folder's name."""
+                 identity: Optional[Tuple[Optional[str], str]] = None, runtime: Optional[Dict] = None):
+        """identity: the W&B run's (group, name); default: no group, the run folder's name.
+        runtime: the resolved runtime, written to runtime.json and the W&B config's `runtime`."""
         self.run_dir = Path(run_dir)
         self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
@@ -109,11 +110,13 @@ class Tracker:
         # key cannot): the others would otherwise train on and wait for it at their first collective.
         with distributed.rank_0_failure_stops_all():
             if self.main:
+                if runtime is not None:
+                    write_file(self.run_dir / rundir.RUNTIME, lambda f: f.write(json.dumps(runtime, indent=1).encode()))
                 if cfg.logger.name == "wandb":
-                    self.wandb = self._open_wandb(cfg, resume_id)
+                    self.wandb = self._open_wandb(cfg, resume_id, runtime)
                 write_status(self.run_dir, "running")
 
-    def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str]):
+    def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str], runtime: Optional[Dict]):
         mode = choose_mode(cfg.logger.mode)
         if mode == "disabled":
             return None
@@ -123,7 +126,8 @@ class Tracker:
         try:
             run = wandb.init(dir=self.run_dir, mode=mode, project=cfg.logger.project,
                              entity=cfg.logger.entity, tags=list(cfg.logger.tags), group=group, name=name,
-                             job_type="train", config=OmegaConf.to_container(cfg, resolve=True),
+                             job_type="train", config={**OmegaConf.to_container(cfg, resolve=True),
+                                                       **({"runtime": runtime} if runtime else {})},
                              id=resume_id, resume="allow" if resume_id else None)
         except wandb.errors.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -150,7 +150,7 @@ class Trainer(Callback):
         own_run_id = self.state.wandb_run_id if self.plan.own else None
         with contextlib.closing(self.data), StopSignals() as self.signals, \
                 Tracker(self.run_dir, self.cfg, resume_id=own_run_id, rank=self.ranks.rank,
-                        identity=self.identity) as self.tracker:
+                        identity=self.identity, runtime=self.runtime_record()) as self.tracker:
             for _ in range(self.state.epoch, self.cfg.trainer.epochs + 1):
                 self.train_epoch()
                 self.end_epoch()
@@ -217,6 +217,18 @@ class Trainer(Callback):
             log.warning(f"trainer.objective={self.objective}: the best epoch (best.pt, the value returned, "
                         f"every 'best') is chosen on the test split, so its test accuracy is an optimistic "
                         f"estimate; hold out a validation split (dataset.val_fraction) to choose on it")
+
+    def runtime_record(self) -> Dict:
+        """What this run trains on and with, settled (runs from two machines told apart): the
+        device settings as resolved here, the ranks, the batch per rank and per update, the splits'
+        sizes, the versions and instruction sets."""
+        trainer, world = self.cfg.trainer, self.ranks.world_size
+        return {**device_setup.resolved(self.runtime), "world_size": world,
+                "batch_per_rank": trainer.batch_size // world, "global_batch": trainer.batch_size,
+                "images_per_update": trainer.batch_size * trainer.accumulate,
+                "train_images": self.data.train.num_samples,
+                "val_images": self.data.val.num_samples if self.data.val else 0,
+                "test_images": self.data.test.num_samples}
 
     def train_epoch(self) -> None:
         """Train state.epoch from state.step to its end."""
