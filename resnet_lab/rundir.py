@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import IO, Callable, Dict, Optional
 
@@ -128,6 +129,21 @@ def write_file(path: Path, write: Callable[[IO[bytes]], None], after: str = "") 
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         raise UserError(f"could not write {path} ({cause.strerror or cause}); {kept}; "
                         f"{_remedy(cause, path.parent)}{after}") from e
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a file torch.save wrote, by the CRC-32 of each record that its zip
+    stores beside the record, written in the same atomic write (torch.load reads a damaged
+    record without a word); None when every record matches, or the file is no zip at all (a
+    legacy torch.save, whose reader sees its damage)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"its zip does not read: {e}"
+    return f"record {bad} does not match its stored checksum" if bad else None
 
 
 def read_status(run_dir: Path) -> Optional[str]:

@@ -133,9 +133,9 @@ def test_image_folder_with_an_empty_class(where, tmp_path, monkeypatch, capsys):
     assert "c2" in last and f"(in {images / where})" in last and "each class folder at least one image" in last
 
 
-@pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats")])
+@pytest.mark.parametrize("folders", [("cats", "dogs"), ("train/cats", "test/cats", "train/dogs", "test/dogs")])
 def test_image_folder_of_mixed_sizes_without_resize(folders, tmp_path, monkeypatch, capsys):
-    for folder, size in zip(folders, ((16, 16), (20, 12))):
+    for folder, size in zip(folders, ((16, 16), (20, 12), (16, 16), (16, 16))):
         (tmp_path / "images" / folder).mkdir(parents=True)
         Image.new("RGB", size).save(tmp_path / "images" / folder / "0.png")
     code, err = run_cli([f"dataset.root={tmp_path / 'images'}", "dataset=image_folder", *RUN],
@@ -468,3 +468,16 @@ def test_a_checkpoint_past_the_epochs_asked_for(run_copy, fmnist_root, tmp_path,
     assert f"{last} is at step 1 of epoch 2, past trainer.epochs=1; resume with trainer.epochs=2, as it was saved" in line
     train(tiny_cfg(fmnist_root, "trainer.epochs=2", "trainer.limit_train_batches=2"), run_copy)
     assert runs.epochs(run_copy) == [1, 2]
+
+
+@pytest.mark.parametrize("damaged", [rundir.LAST, "weights"])
+def test_a_checkpoint_damaged_in_its_middle_is_named_before_it_is_used(damaged, run_copy, fmnist_root, tmp_path,
+                                                                       monkeypatch, capsys):
+    last = rundir.last(run_copy)
+    path = last if damaged == rundir.LAST else last.parent / torch.load(last, weights_only=True)["model"]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(200)  # torch.load reads this without a word
+    path.write_bytes(bytes(data))
+    line = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.epochs=4")
+    assert f"{path}" in line and "is damaged (record " in line and "does not match its stored checksum" in line

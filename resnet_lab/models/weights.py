@@ -60,6 +60,9 @@ def read(path: Path) -> Dict[str, torch.Tensor]:
     path = find(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    damaged = rundir.damage(path)
+    if damaged:
+        raise UserError(f"{path} is damaged ({damaged}); train again, or give another weights file")
     try:
         # timm's train.py saves its argparse options beside the weights.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
-from resnet_lab.rundir import BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, keep_hydra_record, write_file
+from resnet_lab.rundir import (BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, damage,
+                               keep_hydra_record, write_file)
 
 log = logging.getLogger("resnet_lab")
 
@@ -60,6 +61,9 @@ def load(path: Path) -> Dict:
     if not path.is_file():
         raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a run's "
                         f"{CHECKPOINTS}/{LAST}, or trainer.resume=none to start afresh")
+    damaged = damage(path)
+    if damaged:
+        raise UserError(f"checkpoint {path} is damaged ({damaged}); {_instead(path)}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
@@ -68,11 +72,8 @@ def load(path: Path) -> Dict:
         # does not apply here.
         detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
         detail = detail[:160]
-        beside = [path.parent / name for name in (BEST, EMA) if (path.parent / name).is_file()]
-        weights = f", or from the weights beside it with model.init={beside[0]}" if beside else ""
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
-                        f"resume from another one with trainer.resume=<path>, start afresh with "
-                        f"trainer.resume=none{weights}") from e
+                        f"{_instead(path)}") from e
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
@@ -83,7 +84,18 @@ def load(path: Path) -> Dict:
     return state
 
 
+def _instead(path: Path) -> str:
+    """What to do when checkpoint `path` cannot be read."""
+    beside = [path.parent / name for name in (BEST, EMA) if (path.parent / name).is_file()]
+    weights = f", or from the weights beside it with model.init={beside[0]}" if beside else ""
+    return f"resume from another one with trainer.resume=<path>, start afresh with trainer.resume=none{weights}"
+
+
 def _load_weights(weights: Path, path: Path) -> Dict:
+    damaged = weights.is_file() and damage(weights)
+    if damaged:
+        raise UserError(f"checkpoint {path} keeps its weights in {weights}, which is damaged ({damaged}); "
+                        f"{_instead(path)}")
     try:
         return torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (missing, zip, pickle and EOF errors: the pair is broken)
