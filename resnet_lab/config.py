@@ -226,7 +226,7 @@ class LoggerConfig:
 class SearchConfig:
     # Set by the Optuna search (resnet_lab.sweeps.search) on each of its trials, so that the run
     # reports its objective to the study after every epoch and stops when the pruner says so.
-    storage: Optional[str] = None  # the study's storage (resnet_lab.sweeps.storage)
+    storage: Optional[str] = None  # the study's storage (resnet_lab.studies)
     study: Optional[str] = None
     trial: Optional[int] = None  # the trial's number in the study
 
@@ -258,8 +258,10 @@ EXTERNAL_MODELS = {"timm": TimmModelConfig, "target": TargetModelConfig}
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
+    # Each dataset kind's schema, under the dataset options' defaults: root configs rather than
+    # a group, so that --help, which lists groups, lists only the groups a user picks from.
     for kind, schema in DATASET_KINDS.items():
-        store.store(group="schema/dataset", name=kind, node=schema)
+        store.store(name=f"schema_dataset_{kind}", node=schema)
     for name in MODELS.names():
         store.store(group="model", name=name, node=model_config(name))
     for name, schema in EXTERNAL_MODELS.items():

@@ -88,6 +88,7 @@ def resolved(runtime: Runtime) -> Dict:
             "compile": runtime.compile_mode if runtime.compile else False,
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
             "cpu_isa": torch.backends.cpu.get_cpu_capability(), "onednn_isa": onednn_isa(),
+            "cpu_threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
 

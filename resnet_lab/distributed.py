@@ -118,6 +118,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers of module (batch-norm statistics), in place on every rank."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def broadcast(value):
     """Rank 0's value (any picklable object), on every rank."""
     if not active():

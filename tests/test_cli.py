@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,13 +38,26 @@ def test_default_recipe_end_to_end(fmnist_root, tmp_path):
         assert word in line
 
 
-def test_help_lists_groups_and_options(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "resnet_lab", "--help"], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0
+def test_help_lists_the_groups_a_user_picks_from_and_their_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["resnet_lab", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code in (0, None)
+    out = capsys.readouterr().out
+    groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = {line.split(":")[0] for line in groups.splitlines()[2:] if ": " in line}
+    assert listed == {"dataset", "debug", "device", "experiment", "hparams_search", "logger", "model", "optim", "sched"}
     for group, option in [("model", "resnet50"), ("dataset", "cifar100"), ("optim", "sgd"),
                           ("sched", "onecycle"), ("device", "mps")]:
-        assert f"{group}: " in proc.stdout and option in proc.stdout
+        assert option in next(line for line in groups.splitlines() if line.startswith(f"{group}: "))
+
+
+def test_the_readme_shows_the_error_a_misspelt_key_gives(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command, shown = readme.split("$ python -m resnet_lab ", 1)[1].splitlines()[:2]
+    code, err = run_cli([command], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == shown
 
 
 def run_cli(args, tmp_path, monkeypatch, capsys):

@@ -23,6 +23,7 @@ from resnet_lab.config import validate
 from resnet_lab.data import build_data
 from resnet_lab.errors import UserError
 from resnet_lab.optim import build_optimizer, build_scheduler
+from resnet_lab.trained import evaluate as evaluate_command
 from resnet_lab.training.engine import RunningTotals, evaluate, train_epoch
 from resnet_lab.training.train import train
 from resnet_lab.training.trainer import updates
@@ -167,6 +168,10 @@ def test_device_world_size_spawns_ranks_inside_one_run(fmnist_root, tmp_path, on
     assert run_folders(tmp_path) == [tmp_path / "run"]
     assert_one_run(tmp_path / "run", proc.stdout, 1)
     assert_close_to_one_rank(metrics(tmp_path / "run")[0], one_rank)
+    # Both ranks evaluated with rank 0's batch-norm statistics: the model it saved, evaluated in
+    # one process, has the loss the run logged (up to the order the ranks' sums were added in).
+    evaluated = evaluate_command.main([str(tmp_path / "run")])
+    assert evaluated["loss"] == pytest.approx(metrics(tmp_path / "run")[-1]["test_loss"], rel=1e-6, abs=1e-7)
 
 
 def test_torchrun_ranks_agree_on_one_run_folder(fmnist_root, tmp_path, one_rank):

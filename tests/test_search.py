@@ -26,7 +26,7 @@ SEARCH = ["hparams_search=optuna", "hydra.sweeper.params=null", "optim.lr=tag(lo
 def study(sweep: Path, storage=None):
     import optuna
 
-    from resnet_lab.sweeps.storage import default_url, open_storage
+    from resnet_lab.studies import default_url, open_storage
 
     return optuna.load_study(study_name="resnet_lab", storage=open_storage(storage or default_url(sweep)))
 
@@ -165,7 +165,7 @@ def test_two_search_processes_share_a_study_on_postgresql(tmp_path, fmnist_root,
 def _made_study(sweep: Path, direction: str, space: dict):
     import optuna
 
-    from resnet_lab.sweeps.storage import default_url, open_storage
+    from resnet_lab.studies import default_url, open_storage
 
     sweep.mkdir(parents=True)
     made = optuna.create_study(study_name="resnet_lab", storage=open_storage(default_url(sweep)), direction=direction)

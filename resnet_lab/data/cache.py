@@ -9,7 +9,6 @@ that they too start without opening every file.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from resnet_lab import rundir
+from resnet_lab import locks, rundir
 from resnet_lab.data.images import Sample, decode, reading
 from resnet_lab.data.loader import TensorSplit
 from resnet_lab.errors import UserError
@@ -88,12 +87,8 @@ class FolderCache:
         if self.folder is None:
             yield
             return
-        with open(self.path("lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with locks.held(self.path("lock")):
+            yield
 
     def index(self, files: Dict[str, List[list]]) -> Optional[dict]:
         """The stored index, if it vouches for exactly these files at these settings."""

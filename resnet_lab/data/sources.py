@@ -19,6 +19,7 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from resnet_lab import locks
 from resnet_lab.data.cache import FolderCache, fingerprint
 from resnet_lab.data.images import FileSplit, Sample, has_images, headers, list_classes
 from resnet_lab.data.loader import TensorSplit
@@ -45,8 +46,12 @@ def _fetch(cls, cfg, folder: str, files: list) -> None:
     reason = "dataset.download=false"
     if cfg.download:
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every failed mirror
-                cls(cfg.root, train=True, download=True)
+            # Parallel jobs and ranks start at once: one downloads, the others wait and find the files.
+            os.makedirs(cfg.root, exist_ok=True)
+            with locks.held(Path(cfg.root) / f".{cls.__name__}.download.lock"), \
+                    contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every failed mirror
+                if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+                    cls(cfg.root, train=True, download=True)
             return
         except Exception as e:  # noqa: BLE001  (any network failure means the same to the user)
             detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -10,10 +10,11 @@ The same folder's .study.lock serialises topping the study up to n_trials.
 """
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
+
+from resnet_lab import locks
 
 FOLDER = ".trials"
 
@@ -24,22 +25,13 @@ class Claims:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.held: Dict[int, int] = {}
 
-    def _lock(self, name: str, block: bool) -> Optional[int]:
-        fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
-
     def known(self, number: int) -> bool:
         """Whether a worker of this sweep folder has claimed trial `number`."""
         return (self.folder / f"{number}.lock").exists()
 
     def hold(self, number: int, block: bool = True) -> bool:
         """Take trial `number`'s lock (waiting for it, with block); whether it was taken."""
-        fd = self._lock(f"{number}.lock", block)
+        fd = locks.take(self.folder / f"{number}.lock", block)
         if fd is not None:
             self.held[number] = fd
         return fd is not None
@@ -54,8 +46,5 @@ class Claims:
     @contextlib.contextmanager
     def study(self):
         """The whole study's lock, while inside."""
-        fd = self._lock(".study.lock", block=True)
-        try:
+        with locks.held(self.folder / ".study.lock"):
             yield
-        finally:
-            os.close(fd)

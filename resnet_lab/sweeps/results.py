@@ -85,7 +85,7 @@ def summarise(study, sweep_dir: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import optuna
 
-    from resnet_lab.sweeps.storage import open_storage
+    from resnet_lab.studies import open_storage
 
     parser = argparse.ArgumentParser(prog="python -m resnet_lab.search", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="the search's sweep folder (it holds search.yaml)")

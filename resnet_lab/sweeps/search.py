@@ -27,8 +27,8 @@ from resnet_lab.errors import UserError, closest
 from resnet_lab.training.resume import override_key
 from resnet_lab.sweeps import results, space as search_space
 from resnet_lab.sweeps.claims import Claims
-from resnet_lab.sweeps.storage import default_url, open_storage
-from resnet_lab.sweeps.trial import Pruned
+from resnet_lab.studies import default_url, open_storage
+from resnet_lab.training.trial import Pruned
 
 log = logging.getLogger("resnet_lab")
 
@@ -142,7 +142,7 @@ class OptunaSearch:
                             f"(differing: {', '.join(differ)}); choose another hydra.sweeper.study_name for "
                             f"this one, or search the study's own space")
         study.set_user_attr("space", space)
-        # Each trial's run builds the pruner from here (resnet_lab.sweeps.trial).
+        # Each trial's run builds the pruner from here (resnet_lab.training.trial).
         study.set_user_attr("pruner", OmegaConf.to_container(self.config.hydra.sweeper.pruner, resolve=True))
         return study
 

@@ -2,4 +2,4 @@
 trainer (`trainer.py`), which runs the hot loop (`engine.py`) with its per-update features
 (`features.py`), writes checkpoints (`checkpoint.py`), and sends
 its metrics to the console, `metrics.jsonl` and W&B (`tracking.py`), with the final confusion matrix
-(`confusion.py`)."""
+(`confusion.py`); as a search's trial it reports to the study after every epoch (`trial.py`)."""

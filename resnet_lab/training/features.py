@@ -6,6 +6,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from resnet_lab import distributed
 from resnet_lab.training.engine import Callback
 
 
@@ -84,6 +85,7 @@ class EMA(Callback):
         self.updates += 1
 
     def end_epoch(self) -> Dict[str, float]:
+        distributed.broadcast_buffers(self.average)  # each rank averaged its own statistics
         return {f"{key}_ema": value for key, value in self.evaluate(self.average).items()}
 
     def state_dict(self) -> Dict:

@@ -15,7 +15,7 @@ from resnet_lab.errors import UserError, reason
 from resnet_lab.preemption import Stopped
 from resnet_lab.progress import ProgressBar
 from resnet_lab.rundir import write_file, write_status
-from resnet_lab.sweeps.trial import Pruned
+from resnet_lab.training.trial import Pruned
 from resnet_lab.training import confusion
 
 log = logging.getLogger("resnet_lab")

@@ -16,7 +16,7 @@ from hydra.core.utils import configure_log
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab import distributed, rundir
+from resnet_lab import distributed, rundir, sharing
 from resnet_lab.config import register_configs, returned, validate
 from resnet_lab.errors import HeldBack, UserError, reason
 from resnet_lab.training import resume
@@ -89,7 +89,8 @@ def run(cfg: DictConfig) -> float:
     # learn whether rank 0 holds it). Rank 0's alone: under torchrun the other ranks write no
     # Hydra record (resnet_lab/__main__.py).
     with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
-            rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext():
+            rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext(), \
+            sharing.machine_share(cfg.device.type, max(ranks.world_size, cfg.device.world_size)):
         try:
             return launch(cfg, run_dir, ranks)
         except Exception as e:

@@ -30,7 +30,7 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, weights
 from resnet_lab.optim import build_optimizer, build_scheduler, logged_rates
 from resnet_lab.preemption import Stopped, StopSignals
-from resnet_lab.sweeps.trial import Pruned, TrialReport
+from resnet_lab.training.trial import Pruned, TrialReport
 from resnet_lab.training import checkpoint
 from resnet_lab.training.confusion import Confusion
 from resnet_lab.training.engine import Callback, RunningTotals, evaluate, train_epoch
@@ -294,6 +294,9 @@ class Trainer(Callback):
         (an EMA's metrics, say), the learning rates and momentum (optim.logged_rates) and speed."""
         seconds = time.perf_counter() - self.clock
         whole = self.state.totals.reduced()
+        # Each rank's batch-norm statistics moved with its own last batches: every rank evaluates
+        # with rank 0's, so the metrics are those of the model rank 0 saves (timm's --dist-bn).
+        distributed.broadcast_buffers(self.model)
         self.confusion = Confusion(self.data.num_classes, self.runtime.device)
         features = {key: value for feature in self.features for key, value in feature.end_epoch().items()}
         return {"epoch": self.state.epoch, **whole.metrics(), **self.evaluations(self.forward, self.confusion.add),

@@ -29,7 +29,7 @@ class TrialReport:
         import optuna
         from hydra.utils import instantiate
 
-        from resnet_lab.sweeps.storage import open_storage
+        from resnet_lab.studies import open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(search.storage)
