@@ -2,8 +2,6 @@
 CPU threads), one process downloads a dataset while the others wait, and jobs run one after
 another in one process do not inherit each other's torch settings."""
 
-import json
-import re
 import threading
 import time
 from types import SimpleNamespace
@@ -44,21 +42,6 @@ def test_a_parallel_job_takes_the_gpu_of_its_slot():
         if gpus > 1:
             sharing.place(1, gpus, "auto")
             assert torch.cuda.current_device() == 1
-
-
-def test_joblib_jobs_log_their_slots_and_record_their_threads(tmp_path, fmnist_root):
-    code, sweep, _ = multirun(tmp_path, fmnist_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                              "optim.lr=1e-3,2e-3")
-    assert code == 0
-    slots = []
-    for job in (0, 1):
-        found = re.search(r"parallel job slot (\d) of 2 on this machine: (\d+) CPU thread",
-                          (sweep / str(job) / "train.log").read_text())
-        assert found, job
-        slots.append(int(found[1]))
-        runtime = json.loads((sweep / str(job) / "runtime.json").read_text())
-        assert runtime["cpu_threads"] == int(found[2]) == max(1, sharing.cores() // 2)
-    assert set(slots) <= {0, 1}
 
 
 def test_jobs_in_one_process_do_not_inherit_a_deterministic_setting(tmp_path, fmnist_root):

@@ -2,10 +2,13 @@
 process), a failing job that does not leak into the next, the Optuna search with a diverging
 trial (tests/test_search.py has the rest of it), joblib."""
 
+import json
+import re
+
 import pytest
 import yaml
 
-from resnet_lab import rundir
+from resnet_lab import rundir, sharing
 from resnet_lab.training.tracking import wandb_key
 from tests.launch import LRS, multirun
 from tests.runs import metrics
@@ -131,6 +134,16 @@ def test_joblib_launcher_runs_jobs_in_processes_with_wandb(tmp_path, fmnist_root
     assert runs[0].run.run_id != runs[1].run.run_id
     for job, run in enumerate(runs):
         assert [h["test/acc"] for h in run.history if "epoch" in h] == [m["test_acc"] for m in metrics(sweep / str(job))]
+    # Each job took a slot of the machine and its share of the CPU threads (resnet_lab.sharing).
+    slots = []
+    for job in (0, 1):
+        found = re.search(r"parallel job slot (\d) of 2 on this machine: (\d+) CPU thread",
+                          (sweep / str(job) / "train.log").read_text())
+        assert found, job
+        slots.append(int(found[1]))
+        runtime = json.loads((sweep / str(job) / "runtime.json").read_text())
+        assert runtime["cpu_threads"] == int(found[2]) == max(1, sharing.cores() // 2)
+    assert set(slots) <= {0, 1}
 
 
 @pytest.mark.parametrize("preset", ["d2l_fashion_mnist", "cifar10_resnet56"])
