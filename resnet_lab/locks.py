@@ -18,6 +18,9 @@ def take(path: Path, block: bool = True) -> Optional[int]:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -15,7 +15,6 @@ it refuses puts it back.
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Callable, Dict, Optional
 
-from resnet_lab import distributed
+from resnet_lab import distributed, locks
 from resnet_lab.errors import UserError
 
 log = logging.getLogger("resnet_lab")
@@ -179,23 +178,20 @@ def acquire(run_dir: Path, files: Dict[str, str]) -> Optional[int]:
     raises UserError naming the run that holds it."""
     path = run_dir / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = _holder(path)
-            _put(run_dir, holder.get("files", {}))
-            name = holder.get("name", "a process that has not written its name yet")
-            raise UserError(f"run folder {run_dir} is in use by another run ({name}); wait for it to "
-                            f"end, or choose another folder (hydra.run.dir, or hydra.sweep.dir for -m)") from None
+            fd = locks.take(path, block=False)
         except OSError as e:
-            os.close(fd)
             if e.errno not in UNSUPPORTED:
                 raise
             log.warning(f"{run_dir}: this file system cannot lock files ({e.strerror}), so nothing stops "
                         f"a second run from writing into this folder at the same time")
             return None
+        if fd is None:
+            holder = _holder(path)
+            _put(run_dir, holder.get("files", {}))
+            name = holder.get("name", "a process that has not written its name yet")
+            raise UserError(f"run folder {run_dir} is in use by another run ({name}); wait for it to "
+                            f"end, or choose another folder (hydra.run.dir, or hydra.sweep.dir for -m)")
         # The holder before removed the file between our open and our lock: lock the new one.
         if _same_file(fd, path):
             break

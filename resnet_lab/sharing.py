@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Optional
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -80,7 +79,7 @@ def torch_state():
             torch.cuda.set_device(gpu)
 
 
-def place(number: int, jobs: int, device_type: str) -> Optional[str]:
+def place(number: int, jobs: int, device_type: str) -> str:
     """Put parallel job `number` of `jobs` on its GPU and its CPU threads; what it got, to log."""
     threads = max(1, cores() // jobs)
     torch.set_num_threads(threads)

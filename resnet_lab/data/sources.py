@@ -41,6 +41,10 @@ def _expected_files(cls, root: str) -> Tuple[str, list]:
     return folder, [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
 
 
+def _present(folder: str, files: list) -> bool:
+    return all(os.path.isfile(os.path.join(folder, f)) for f in files)
+
+
 def _fetch(cls, cfg, folder: str, files: list) -> None:
     """Download the missing files if allowed, else say where to put them."""
     reason = "dataset.download=false"
@@ -50,7 +54,7 @@ def _fetch(cls, cfg, folder: str, files: list) -> None:
             os.makedirs(cfg.root, exist_ok=True)
             with locks.held(Path(cfg.root) / f".{cls.__name__}.download.lock"), \
                     contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every failed mirror
-                if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+                if not _present(folder, files):
                     cls(cfg.root, train=True, download=True)
             return
         except Exception as e:  # noqa: BLE001  (any network failure means the same to the user)
@@ -95,7 +99,7 @@ def _damaged(cls, folder: str, files: list) -> List[str]:
 def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, List[str]]:
     """One split as uint8 N x C x H x W, and the class names."""
     folder, files = _expected_files(cls, cfg.root)
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+    if not _present(folder, files):
         _fetch(cls, cfg, folder, files)
     try:
         ds = cls(cfg.root, train=train, download=False)
