@@ -114,3 +114,15 @@ def tiny_tmpfs(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_hydra():
+    """Hydra keeps its config and search path in process-wide singletons that an in-process run
+    leaves set: a later test in the same process would read another run's half-filled config."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()

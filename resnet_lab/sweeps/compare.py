@@ -207,6 +207,8 @@ def show(rows: List[Dict[str, object]], title: str = "") -> None:
     out = table(rows, base, title)
     console = Console()
     if not console.is_terminal:
+        # Rich wraps a title to its table's width, and the title holds the runs' common folder.
+        out.min_width = len(title)
         wide = console.options.update(max_width=10_000)
         console = Console(width=max(80, Measurement.get(console, wide, out).maximum))
     console.print(out)
