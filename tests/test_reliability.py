@@ -29,7 +29,7 @@ from resnet_lab.training.train import train
 from tests import runs
 from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, start, stop_at
 from tests.test_cli import run_cli
-from tests.wandb_file import read_run
+from tests.wandb_file import history, read_run
 
 EPOCHS, STEPS, EVERY = 3, 6, 3
 TINY = [*runs.TINY, "trainer.deterministic=true",
@@ -76,7 +76,7 @@ def killed_at(args, run_dir: Path, target):
         proc.wait()
 
 
-def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference):
+def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_root, tmp_path, reference, caplog):
     run_dir = tmp_path / "run"
     args = [f"dataset.root={fmnist_root}", *TINY]
     # Killed right after epoch 1's checkpoint (the only one: the whole of epoch 2 to catch it) ...
@@ -96,8 +96,18 @@ def test_sigkill_after_an_epoch_and_mid_epoch_then_resume_is_bit_exact(fmnist_ro
     taken = [line for line in log.splitlines() if "ended without releasing it" in line]
     assert len(taken) == 1 and f"(pid {killed} on host " in taken[0] and "taking it over" in taken[0]
     # ... and once more, to the end: every epoch once in metrics.jsonl, the same numbers, the same weights.
-    assert train(tiny_cfg(f"dataset.root={fmnist_root}"), run_dir) == reference[0][-1]["test_acc"]
+    with caplog.at_level("INFO", logger="resnet_lab"):
+        assert train(tiny_cfg(f"dataset.root={fmnist_root}"), run_dir) == reference[0][-1]["test_acc"]
     assert_same_outcome(outcome(run_dir), reference)
+    # The killed parts' W&B service wrote little or nothing of their records; over the three
+    # parts' offline folders each epoch's row is there once, and the sync line names all three.
+    parts = sorted(run_dir.glob("wandb/offline-run-*"))
+    run_id = torch.load(rundir.last(run_dir), weights_only=True)["wandb_run_id"]
+    logged = sorted((row["epoch"], row["global_step"], row["test/acc"]) for part in parts
+                    for row in history(part / f"run-{run_id}.wandb") if "epoch" in row)
+    assert logged == [(row["epoch"], row["epoch"] * STEPS, row["test_acc"]) for row in runs.metrics(run_dir)]
+    synced = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    assert len(parts) == 3 and synced == [f"W&B run saved offline; upload it with: wandb sync {' '.join(map(str, parts))}"]
 
 
 # Every training feature with state or randomness of its own: an EMA (with warm-up), updates of

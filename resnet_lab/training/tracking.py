@@ -16,7 +16,7 @@ from resnet_lab.preemption import Stopped
 from resnet_lab.progress import ProgressBar
 from resnet_lab.rundir import write_file, write_status
 from resnet_lab.training.trial import Pruned
-from resnet_lab.training import confusion
+from resnet_lab.training import confusion, wandb_records
 
 log = logging.getLogger("resnet_lab")
 
@@ -93,9 +93,11 @@ class Tracker:
     """
 
     def __init__(self, run_dir: Path, cfg: DictConfig, resume_id: Optional[str] = None, rank: int = 0,
-                 identity: Optional[Tuple[Optional[str], str]] = None, runtime: Optional[Dict] = None):
+                 identity: Optional[Tuple[Optional[str], str]] = None, runtime: Optional[Dict] = None,
+                 epoch_updates: int = 0):
         """identity: the W&B run's (group, name); default: no group, the run folder's name.
-        runtime: the resolved runtime, written to runtime.json and the W&B config's `runtime`."""
+        runtime: the resolved runtime, written to runtime.json and the W&B config's `runtime`.
+        epoch_updates: the updates of an epoch, whose multiples are the steps its rows end at."""
         self.run_dir = Path(run_dir)
         self.identity = identity or (None, self.run_dir.name)
         self.epochs = cfg.trainer.epochs
@@ -115,6 +117,8 @@ class Tracker:
                     write_file(self.run_dir / rundir.RUNTIME, lambda f: f.write(json.dumps(runtime, indent=1).encode()))
                 if cfg.logger.name == "wandb":
                     self.wandb = self._open_wandb(cfg, resume_id, runtime)
+                    if resume_id and self.wandb is not None and self.wandb.offline:
+                        self._log_lost_rows(epoch_updates)
                 write_status(self.run_dir, "running")
 
     def _open_wandb(self, cfg: DictConfig, resume_id: Optional[str], runtime: Optional[Dict]):
@@ -139,6 +143,32 @@ class Tracker:
         run.define_metric("*", step_metric="global_step")
         return run
 
+    def _parts(self) -> List[Path]:
+        """The folders of this W&B run's parts in the run folder, one per start (offline-run-... or
+        run-...), by start time."""
+        return sorted(Path(self.wandb.sync_dir).parent.glob(f"*run-*-{self.wandb.id}"),
+                      key=lambda folder: folder.name.removeprefix("offline-"))
+
+    def _log_lost_rows(self, epoch_updates: int) -> None:
+        """Offline, a part killed outright loses the records W&B's service had not yet written to
+        its folder (often all of them): the rows of metrics.jsonl that no earlier part's records
+        hold are logged again here, at the steps they ended at, so that `wandb sync` of every part
+        uploads each epoch once. Online, what reached W&B's server is not known here: nothing is
+        logged again."""
+        earlier = [folder for folder in self._parts() if folder != Path(self.wandb.sync_dir)]
+        held = {epoch for folder in earlier
+                for epoch in wandb_records.logged_epochs(folder / f"run-{self.wandb.id}.wandb")}
+        lost = [row for row in self.metrics.read() if row["epoch"] not in held]
+        for row in lost:
+            self._log_row(row, row["epoch"] * epoch_updates)
+        if lost:
+            epochs = ", ".join(str(row["epoch"]) for row in lost)
+            log.info(f"W&B: no earlier part's offline records hold epoch {epochs} (a part killed before W&B "
+                     f"wrote them); logged again from {rundir.METRICS}")
+
+    def _log_row(self, metrics: Dict[str, float], global_step: int) -> None:
+        self.wandb.log({"global_step": global_step, **{wandb_key(k): v for k, v in metrics.items()}})
+
     @property
     def run_id(self) -> Optional[str]:
         return self.wandb.id if self.wandb is not None else None
@@ -161,7 +191,7 @@ class Tracker:
         log.info(format_epoch(metrics, self.epochs))
         self.metrics.write(metrics)
         if self.wandb is not None:
-            self.wandb.log({"global_step": self.global_step, **{wandb_key(k): v for k, v in metrics.items()}})
+            self._log_row(metrics, self.global_step)
 
     def final_report(self, matrix: List[List[int]], classes: List[str]) -> None:
         """The last evaluation's confusion matrix and per-class metrics: eval/final.json and
@@ -207,7 +237,9 @@ class Tracker:
                 self.wandb.summary.update(summary)
                 self.wandb.finish(exit_code=exit_code)
                 if self.wandb.offline:
-                    log.info(f"W&B run saved offline; upload it with: wandb sync {self.wandb.sync_dir}")
+                    # Every part's folder: `wandb sync` joins a resumed run's parts by its id.
+                    parts = " ".join(str(folder) for folder in self._parts() if folder.name.startswith("offline-"))
+                    log.info(f"W&B run saved offline; upload it with: wandb sync {parts}")
         finally:
             write_status(self.run_dir, status or ("finished" if exit_code == 0 else "failed"))
 

@@ -154,7 +154,8 @@ class Trainer(Callback):
         own_run_id = self.state.wandb_run_id if self.plan.own else None
         with contextlib.closing(self.data), StopSignals() as self.signals, \
                 Tracker(self.run_dir, self.cfg, resume_id=own_run_id, rank=self.ranks.rank,
-                        identity=self.identity, runtime=self.runtime_record()) as self.tracker:
+                        identity=self.identity, runtime=self.runtime_record(),
+                        epoch_updates=self.updates) as self.tracker:
             for _ in range(self.state.epoch, self.cfg.trainer.epochs + 1):
                 self.train_epoch()
                 self.end_epoch()
