@@ -86,10 +86,29 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     return e
 
 
+def temporary(path: Path, kind: str = "tmp") -> Path:
+    """The name a file stands under before it is renamed over `path`: .<name>.tmp while it is
+    written (atomic_write), .<name>.link as a hard link made to replace it."""
+    return path.with_name(f".{path.name}.{kind}")
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove the temporary files that a kill between a write and its rename left in the run's
+    folders (a file written again reuses its temporary name, but each weights file has a new one,
+    and a file not written again would keep its own for good). Only for the run that holds the
+    folder: no other writer is there."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / CHECKPOINTS / KEPT_RECORD, run_dir / HYDRA_RECORD,
+                   run_dir / EVAL):
+        for kind in ("tmp", "link"):
+            for path in folder.glob(temporary(Path("*"), kind).name):
+                path.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same folder, then rename it over path: a kill at
     any moment leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -48,11 +48,35 @@ def fresh_env():
     return env
 
 
-def start(args, run_dir: Path, **popen) -> subprocess.Popen:
+def start(args, run_dir: Path, entry=("-m", "resnet_lab"), **popen) -> subprocess.Popen:
+    """`python -m resnet_lab args` (or python `entry` args) training in run_dir, its output in
+    <run_dir>.log beside it."""
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "resnet_lab", *for_kind(args), f"hydra.run.dir={run_dir}"],
+    return subprocess.Popen([sys.executable, *entry, *for_kind(args), f"hydra.run.dir={run_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
                             env=fresh_env(), **popen)
+
+
+# `python -c KILLED_AT_RENAME PATTERN OVERRIDES...`: the command, SIGKILLed by itself at the first
+# rename of a file named like PATTERN (fnmatch) over its target: nothing after it runs, no
+# handler, no `finally`, as under the OOM killer at that instant.
+KILLED_AT_RENAME = """
+import fnmatch, os, signal, sys
+pattern, rename = sys.argv.pop(1), os.replace
+def replace(source, target, *args, **kw):
+    if fnmatch.fnmatch(os.path.basename(source), pattern):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(source, target, *args, **kw)
+os.replace = replace
+from resnet_lab.__main__ import main
+main()
+"""
+
+
+def killed_at_rename(pattern: str, args, run_dir: Path) -> None:
+    """Run args in run_dir until it SIGKILLs itself about to rename a file named like `pattern`."""
+    proc = start(args, run_dir, entry=("-c", KILLED_AT_RENAME, pattern))
+    assert proc.wait(timeout=300) == -signal.SIGKILL, (run_dir.parent / f"{run_dir.name}.log").read_text()
 
 
 def freeze_at(proc: subprocess.Popen, run_dir: Path, target, group: bool = False):

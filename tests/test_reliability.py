@@ -640,3 +640,19 @@ def test_a_kill_before_the_final_report_is_repaired_on_resume(fmnist_root, tmp_p
     assert report["classes"][0] == "T-shirt/top" and matrix.sum() == 80
     assert matrix.trace().item() / matrix.sum().item() == runs.metrics(run_dir)[-1]["test_acc"]
     assert (run_dir / rundir.STATUS).read_text() == "finished\n"
+
+
+def test_the_temporary_files_of_a_kill_mid_write_are_gone_after_the_rerun(fmnist_root, tmp_path):
+    args = [f"dataset.root={fmnist_root}", *TINY, "trainer.epochs=1", "trainer.checkpoint_every_steps=0",
+            "logger=none"]
+    run_dir = tmp_path / "run"
+    # Killed with a weights file written under its temporary name (each one's name is new) ...
+    runs.killed_at_rename(".weights-*.pt.tmp", args, run_dir)
+    [weights] = (run_dir / rundir.CHECKPOINTS).glob(".weights-*.pt.tmp")
+    # ... then, the command again, with model.pt's hard link made but not yet renamed over it ...
+    runs.killed_at_rename(".model.pt.link", args, run_dir)
+    assert not weights.exists() and (run_dir / ".model.pt.link").is_file()
+    # ... and once more, to the end, writing no model.pt: nothing temporary stays.
+    train(tiny_cfg(*args, "trainer.save_weights=false"), run_dir)
+    assert (run_dir / rundir.STATUS).read_text() == "finished\n"
+    assert not [path for path in run_dir.rglob(".*") if path.suffix in (".tmp", ".link")]

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
 from resnet_lab.rundir import (BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, damage,
-                               keep_hydra_record, write_file)
+                               keep_hydra_record, temporary, write_file)
 
 log = logging.getLogger("resnet_lab")
 
@@ -133,7 +133,7 @@ def keep_epochs(metrics_file: Path, done: int) -> None:
 def _link(source: Path, target: Path) -> bool:
     """Make target a hard link to source, replacing it whole; False where the file system has no
     hard links (the caller then writes a copy)."""
-    tmp = target.with_name(f".{target.name}.link")
+    tmp = temporary(target, "link")
     try:
         tmp.unlink(missing_ok=True)
         os.link(source, tmp)

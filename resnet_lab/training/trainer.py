@@ -141,6 +141,7 @@ class Trainer(Callback):
         if self.plan.action == "continue":
             self.resume()
         if self.main:
+            rundir.remove_leftovers(self.run_dir)
             checkpoint.keep_epochs(self.run_dir / rundir.METRICS, self.state.epoch - 1)
         # As a search's trial, rank 0 reports each epoch to the study.
         self.trial = TrialReport(self.cfg.get("search") if self.main else None, self.objective,
