@@ -37,6 +37,8 @@ CHECKPOINTS = "checkpoints"
 # with an EMA objective) when the run chooses one (config.chooses_best).
 LAST, BEST = "last.pt", "best.pt"
 EMA = "ema.pt"  # inside CHECKPOINTS: the EMA of the weights at the last checkpoint (with ema.decay)
+# Inside CHECKPOINTS: the checkpoint before last.pt, to resume from when last.pt fails its check.
+PREVIOUS = "previous.pt"
 WEIGHTS_PREFIX = "weights-"  # inside CHECKPOINTS: each checkpoint's weights, in a file of their own
 MODEL = "model.pt"  # the final weights
 METRICS = "metrics.jsonl"

@@ -117,6 +117,15 @@ def stop_at(proc: subprocess.Popen, run_dir: Path, target, signum: int = signal.
     return proc.wait(timeout=120)
 
 
+def damage_in_middle(path: Path) -> None:
+    """200 bytes of the file overwritten in its middle: torch.load reads a checkpoint so damaged
+    without a word."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(200)
+    path.write_bytes(bytes(data))
+
+
 def contents(run_dir: Path) -> dict:
     """Every file the run wrote, its bytes and mtime, except Hydra's record of the latest command,
     the log, and W&B's debug logs (its service may still append to them after the run ends)."""

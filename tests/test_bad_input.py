@@ -475,9 +475,6 @@ def test_a_checkpoint_damaged_in_its_middle_is_named_before_it_is_used(damaged, 
                                                                        monkeypatch, capsys):
     last = rundir.last(run_copy)
     path = last if damaged == rundir.LAST else last.parent / torch.load(last, weights_only=True)["model"]
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 200] = bytes(200)  # torch.load reads this without a word
-    path.write_bytes(bytes(data))
+    runs.damage_in_middle(path)
     line = resume_fails(run_copy, fmnist_root, tmp_path, monkeypatch, capsys, "trainer.epochs=4")
     assert f"{path}" in line and "is damaged (record " in line and "does not match its stored checksum" in line

@@ -166,8 +166,9 @@ def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={winner}" in overrides and f"seed={1 - winner}" not in overrides
     names = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).iterdir())
-    assert names[:2] == ["hydra", rundir.LAST] and len(names) == 3
-    assert names[2].startswith(rundir.WEIGHTS_PREFIX)  # one weights file, of the last checkpoint
+    assert names[:3] == ["hydra", rundir.LAST, rundir.PREVIOUS] and len(names) == 5
+    # two weights files, of the last checkpoint and of the one before it
+    assert all(name.startswith(rundir.WEIGHTS_PREFIX) for name in names[3:])
     assert not lock.exists()
     lone = reference
     if winner == 1:
@@ -261,9 +262,11 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(fmnist_root, tmp_p
     with pytest.raises(UserError, match="No space left on device.*the previous last.pt is intact; free some space, then run again"):
         train(cfg, tmp_path)
     last = tmp_path / rundir.CHECKPOINTS / rundir.LAST
-    # No temporary file left, nor the failed checkpoint's weights: last.pt and the weights it names.
+    # No temporary file left, nor the failed checkpoint's weights: last.pt, kept as previous.pt
+    # before the write that failed, and the weights it names.
     state = checkpoint.load(last)
-    assert sorted(p.name for p in last.parent.iterdir()) == [rundir.LAST, state["weights_file"].name]
+    assert sorted(p.name for p in last.parent.iterdir()) == [rundir.LAST, rundir.PREVIOUS, state["weights_file"].name]
+    assert (last.parent / rundir.PREVIOUS).samefile(last)
     assert (state["epoch"], state["step"]) == (1, EVERY)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # The failed write came at epoch 1's end, after its metrics row; the resumed run writes that
@@ -656,3 +659,29 @@ def test_the_temporary_files_of_a_kill_mid_write_are_gone_after_the_rerun(fmnist
     train(tiny_cfg(*args, "trainer.save_weights=false"), run_dir)
     assert (run_dir / rundir.STATUS).read_text() == "finished\n"
     assert not [path for path in run_dir.rglob(".*") if path.suffix in (".tmp", ".link")]
+
+
+def test_a_damaged_last_pt_resumes_from_the_checkpoint_kept_before_it(fmnist_root, tmp_path, reference, caplog):
+    cfg = tiny_cfg(f"dataset.root={fmnist_root}", "logger=none")
+    train(cfg, tmp_path)
+    folder = tmp_path / rundir.CHECKPOINTS
+    last, previous = folder / rundir.LAST, folder / rundir.PREVIOUS
+    assert (checkpoint.load(last)["epoch"], checkpoint.load(previous)["step"]) == (EPOCHS + 1, EVERY)
+    # Each keeps its weights file: no other one stays.
+    named = {checkpoint.load(path)["weights_file"].name for path in (last, previous)}
+    assert {path.name for path in folder.glob(f"{rundir.WEIGHTS_PREFIX}*")} == named and len(named) == 2
+    runs.damage_in_middle(last)
+    with caplog.at_level("WARNING", logger="resnet_lab"):
+        train(cfg, tmp_path)
+    said = [r.getMessage() for r in caplog.records if "kept before it" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"checkpoint {last} is damaged (record ")
+    assert said[0].endswith(f"; resuming from the checkpoint kept before it, {previous} (epoch {EPOCHS} step {EVERY})")
+    # The last epoch's second half trained again: the run ends as one never damaged.
+    assert_same_outcome(outcome(tmp_path), reference)
+    assert checkpoint.load(previous)["step"] == EVERY  # the damaged last.pt was not kept in its place
+    # With both damaged, nothing is good to resume from: one line naming last.pt.
+    runs.damage_in_middle(last)
+    runs.damage_in_middle(previous)
+    with pytest.raises(checkpoint.Damaged) as refused:
+        train(cfg, tmp_path)
+    assert str(refused.value).startswith(f"checkpoint {last} is damaged (record ") and "\n" not in str(refused.value)

@@ -12,7 +12,9 @@ The weights are not inside last.pt: each checkpoint writes them to a file of the
 name every time makes the pair safe against a kill between the two writes (last.pt names the old
 file until it is replaced, and the old file goes only after), and lets `best.pt` and the run's
 `model.pt` be hard links to the same bytes rather than copies: a run keeps its weights once and
-the optimizer state once.
+the optimizer state once, and once more for the checkpoint before the last: replacing last.pt
+keeps the old one as previous.pt (a hard link), with its weights file, to resume from should
+last.pt fail its check.
 """
 
 import json
@@ -21,7 +23,7 @@ import os
 import random
 import secrets
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 
 from resnet_lab.errors import UserError
 from resnet_lab.models.weights import differences
-from resnet_lab.rundir import (BEST, CHECKPOINTS, EMA, LAST, WEIGHTS_PREFIX, atomic_write, damage,
+from resnet_lab.rundir import (BEST, CHECKPOINTS, EMA, LAST, PREVIOUS, WEIGHTS_PREFIX, atomic_write, damage,
                                keep_hydra_record, temporary, write_file)
 
 log = logging.getLogger("resnet_lab")
@@ -57,13 +59,21 @@ def set_rng_states(states: Dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+class Damaged(UserError):
+    """A checkpoint, or the weights file it names, that fails its check; `reason` says which and how."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
+
+
 def load(path: Path) -> Dict:
     if not path.is_file():
         raise UserError(f"trainer.resume={path}: no such checkpoint file; give the path of a run's "
                         f"{CHECKPOINTS}/{LAST}, or trainer.resume=none to start afresh")
     damaged = damage(path)
     if damaged:
-        raise UserError(f"checkpoint {path} is damaged ({damaged}); {_instead(path)}")
+        raise Damaged(f"checkpoint {path} is damaged ({damaged})", _instead(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
@@ -72,8 +82,8 @@ def load(path: Path) -> Dict:
         # does not apply here.
         detail = detail.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or detail
         detail = detail[:160]
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail}); "
-                        f"{_instead(path)}") from e
+        raise Damaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail})",
+                      _instead(path)) from e
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise UserError(f"{path} is not a resnet_lab checkpoint (it has no {', '.join(missing)}); "
@@ -82,6 +92,24 @@ def load(path: Path) -> Dict:
         state["weights_file"] = path.parent / state["model"]
         state["model"] = _load_weights(state["weights_file"], path)
     return state
+
+
+def load_good(path: Path) -> Tuple[Dict, Path]:
+    """The checkpoint at `path`, and the path it was read from: when `path` is a last.pt that
+    fails its check, the checkpoint kept before it (previous.pt) if that one passes, saying so."""
+    try:
+        return load(path), path
+    except Damaged as damaged:
+        previous = path.with_name(PREVIOUS)
+        if path.name != LAST or not previous.is_file():
+            raise
+        try:
+            state = load(previous)
+        except UserError:
+            raise damaged from None
+        log.warning(f"{damaged.reason}; resuming from the checkpoint kept before it, {previous} "
+                    f"(epoch {state['epoch']} step {state['step']})")
+        return state, previous
 
 
 def _instead(path: Path) -> str:
@@ -94,14 +122,13 @@ def _instead(path: Path) -> str:
 def _load_weights(weights: Path, path: Path) -> Dict:
     damaged = weights.is_file() and damage(weights)
     if damaged:
-        raise UserError(f"checkpoint {path} keeps its weights in {weights}, which is damaged ({damaged}); "
-                        f"{_instead(path)}")
+        raise Damaged(f"checkpoint {path} keeps its weights in {weights}, which is damaged ({damaged})",
+                      _instead(path))
     try:
         return torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (missing, zip, pickle and EOF errors: the pair is broken)
-        raise UserError(f"checkpoint {path} keeps its weights in {weights}, which is missing or damaged "
-                        f"({type(e).__name__}); put that file back, or start afresh with "
-                        f"trainer.resume=none") from e
+        raise Damaged(f"checkpoint {path} keeps its weights in {weights}, which is missing or damaged "
+                      f"({type(e).__name__})", "put that file back, or start afresh with trainer.resume=none") from e
 
 
 def _check_fits(model: torch.nn.Module, saved: Dict, path: Path, saved_cfg: Dict) -> None:
@@ -160,6 +187,9 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.record_kept = False
         self.weights: Optional[Path] = None  # the weights file of the last checkpoint written or restored
+        # Whether the folder's last.pt passed its check (this run wrote it, or resumed from it),
+        # and so is kept as previous.pt when the next checkpoint replaces it.
+        self.keep_last = False
 
     def save(self, epoch: int, step: int, *, totals: Optional[Dict], best_acc: float, metrics: Dict,
              wandb_run_id: Optional[str], elapsed: float, rngs: Optional[List[Dict]] = None,
@@ -183,16 +213,21 @@ class Checkpointer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_run_id": wandb_run_id, "elapsed": elapsed, "features": features or {}, "classes": classes,
         }
+        # A hard link, no copy; where the file system has none, no previous checkpoint is kept.
+        if self.keep_last:
+            _link(self.folder / LAST, self.folder / PREVIOUS)
         try:
             write_file(self.folder / LAST, lambda f: torch.save(state, f), after=resume_after)
         except BaseException:
             new.unlink(missing_ok=True)
             raise
-        self.weights = new
+        # previous.pt names the weights file of the checkpoint before (just linked, or the one
+        # this run resumed from after last.pt failed its check).
+        kept, self.weights, self.keep_last = self.weights, new, True
         # Only now that last.pt names the new file may the older ones go (a kill in between
         # leaves an extra file, which the next checkpoint removes).
         for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
-            if old != new:
+            if old not in (new, kept):
                 old.unlink(missing_ok=True)
         self.repair(state, best)
         if not self.record_kept:  # Hydra's record stays the same while the job runs
@@ -245,6 +280,7 @@ class Checkpointer:
         _check_fits(self.model, state["model"], path, state["config"])
         self.model.load_state_dict(state["model"])
         self.weights = state.get("weights_file")
+        self.keep_last = path.resolve() == (self.folder / LAST).resolve()
         # Fused or not is this device's choice (CUDA fuses), not the saving run's: a fused step
         # under a grad scaler differs from an unfused one, and a state's step counters follow it.
         saved = state["optimizer"]

@@ -106,8 +106,8 @@ def plan(run_dir: Path, cfg: DictConfig) -> Plan:
     path = to_resume(cfg.trainer.resume, run_dir)
     if path is None:
         return Plan("fresh")
-    state = checkpoint.load(path)
     own = path.resolve() == (rundir.last(run_dir)).resolve()
+    state, path = checkpoint.load_good(path)
     if _finished(state, path, own, run_dir, cfg):
         return Plan("finished", path, state, own)
     _check_carries_over(state["config"], cfg, path)
