@@ -24,16 +24,16 @@ def stored_bytes(folder: Path) -> int:
 
 
 def test_a_run_keeps_at_most_half_of_what_full_copies_took(fmnist_root, tmp_path):
-    train(tiny_cfg(f"dataset.root={fmnist_root}", "model.width=16", "trainer.epochs=1",
+    train(tiny_cfg(f"dataset.root={fmnist_root}", "model.width=16", "trainer.epochs=1", "trainer.checkpoint_every_steps=2",
                    "trainer.limit_train_batches=4", "logger=none", "dataset.val_fraction=0.2"), tmp_path)
     weights = (tmp_path / "model.pt").stat().st_size
     last = (tmp_path / rundir.CHECKPOINTS / rundir.LAST).stat().st_size
     # Before: last.pt and best.pt each held the weights and Adam's two moments, plus model.pt.
     before = 2 * 3 * weights + weights
-    # Since issue 25 the checkpoint before the last stays beside it to resume from, should last.pt
-    # fail its check: previous.pt (the run's first checkpoint here) and its weights file.
-    previous = (tmp_path / rundir.CHECKPOINTS / rundir.PREVIOUS).stat().st_size
-    assert stored_bytes(tmp_path) <= before / 2 + previous + weights
+    assert stored_bytes(tmp_path) <= before / 2
+    # The checkpoint before the last, kept to resume from while the run trains, went at its end.
+    assert not (tmp_path / rundir.CHECKPOINTS / rundir.PREVIOUS).exists()
+    assert len(list((tmp_path / rundir.CHECKPOINTS).glob(f"{rundir.WEIGHTS_PREFIX}*"))) == 1
     assert last < 2.2 * weights  # Adam's moments, without the weights
     # best.pt (the one epoch is the best on validation) and model.pt are the last checkpoint's weights file.
     state = checkpoint.load(tmp_path / rundir.CHECKPOINTS / rundir.LAST)

@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,9 +167,9 @@ def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={winner}" in overrides and f"seed={1 - winner}" not in overrides
     names = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).iterdir())
-    assert names[:3] == ["hydra", rundir.LAST, rundir.PREVIOUS] and len(names) == 5
-    # two weights files, of the last checkpoint and of the one before it
-    assert all(name.startswith(rundir.WEIGHTS_PREFIX) for name in names[3:])
+    # The finished run keeps the last checkpoint's weights file alone (no previous.pt any more).
+    assert names[:2] == ["hydra", rundir.LAST] and len(names) == 3
+    assert names[2].startswith(rundir.WEIGHTS_PREFIX)
     assert not lock.exists()
     lone = reference
     if winner == 1:
@@ -662,26 +663,31 @@ def test_the_temporary_files_of_a_kill_mid_write_are_gone_after_the_rerun(fmnist
 
 
 def test_a_damaged_last_pt_resumes_from_the_checkpoint_kept_before_it(fmnist_root, tmp_path, reference, caplog):
-    cfg = tiny_cfg(f"dataset.root={fmnist_root}", "logger=none")
-    train(cfg, tmp_path)
-    folder = tmp_path / rundir.CHECKPOINTS
+    run_dir = tmp_path / "run"
+    args = [f"dataset.root={fmnist_root}", *TINY, "logger=none"]
+    assert killed_at(args, run_dir, (EPOCHS, EVERY)) == (EPOCHS, EVERY)
+    folder = run_dir / rundir.CHECKPOINTS
     last, previous = folder / rundir.LAST, folder / rundir.PREVIOUS
-    assert (checkpoint.load(last)["epoch"], checkpoint.load(previous)["step"]) == (EPOCHS + 1, EVERY)
-    # Each keeps its weights file: no other one stays.
+    assert (checkpoint.load(previous)["epoch"], checkpoint.load(previous)["step"]) == (EPOCHS, 0)
+    # Each keeps a weights file of its own (the kill may leave an older one, which the next goes).
     named = {checkpoint.load(path)["weights_file"].name for path in (last, previous)}
-    assert {path.name for path in folder.glob(f"{rundir.WEIGHTS_PREFIX}*")} == named and len(named) == 2
+    assert named <= {path.name for path in folder.glob(f"{rundir.WEIGHTS_PREFIX}*")} and len(named) == 2
+    # A copy with both damaged: nothing is good to resume from, one line naming last.pt.
+    both = tmp_path / "both"
+    shutil.copytree(run_dir, both)
+    runs.damage_in_middle(both / rundir.CHECKPOINTS / rundir.LAST)
+    runs.damage_in_middle(both / rundir.CHECKPOINTS / rundir.PREVIOUS)
+    with pytest.raises(checkpoint.Damaged) as refused:
+        train(tiny_cfg(*args), both)
+    assert str(refused.value).startswith(f"checkpoint {both / rundir.CHECKPOINTS / rundir.LAST} is damaged (record ")
+    assert "\n" not in str(refused.value)
     runs.damage_in_middle(last)
     with caplog.at_level("WARNING", logger="resnet_lab"):
-        train(cfg, tmp_path)
+        train(tiny_cfg(*args), run_dir)
     said = [r.getMessage() for r in caplog.records if "kept before it" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"checkpoint {last} is damaged (record ")
-    assert said[0].endswith(f"; resuming from the checkpoint kept before it, {previous} (epoch {EPOCHS} step {EVERY})")
-    # The last epoch's second half trained again: the run ends as one never damaged.
-    assert_same_outcome(outcome(tmp_path), reference)
-    assert checkpoint.load(previous)["step"] == EVERY  # the damaged last.pt was not kept in its place
-    # With both damaged, nothing is good to resume from: one line naming last.pt.
-    runs.damage_in_middle(last)
-    runs.damage_in_middle(previous)
-    with pytest.raises(checkpoint.Damaged) as refused:
-        train(cfg, tmp_path)
-    assert str(refused.value).startswith(f"checkpoint {last} is damaged (record ") and "\n" not in str(refused.value)
+    assert said[0].endswith(f"; resuming from the checkpoint kept before it, {previous} (epoch {EPOCHS} step 0)")
+    # The last epoch's first half trained again: the run ends as one never damaged, and, finished,
+    # keeps no checkpoint before the last.
+    assert_same_outcome(outcome(run_dir), reference)
+    assert not previous.exists()

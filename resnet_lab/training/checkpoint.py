@@ -249,6 +249,17 @@ class Checkpointer:
             else:
                 self.publish(self.folder / BEST, after=after)
 
+    def drop_previous(self) -> None:
+        """Remove previous.pt and its weights file: a finished run resumes no more, and keeps one
+        checkpoint's bytes, not two."""
+        (self.folder / PREVIOUS).unlink(missing_ok=True)
+        if self.weights is None:  # which file last.pt names is unknown here: keep them all
+            return
+        for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
+            if old.name != Path(self.weights).name:
+                old.unlink(missing_ok=True)
+        self.keep_last = False
+
     def publish(self, target: Path, after: str) -> None:
         """The last checkpoint's weights as `target` (best.pt, model.pt): a hard link to its
         weights file, or a copy where links are not to be had."""

@@ -361,4 +361,6 @@ class Trainer(Callback):
             self.checkpoints.publish(self.run_dir / rundir.MODEL,
                                      after=f", then run again to write it from {rundir.LAST}")
             self.tracker.weights(self.run_dir / rundir.MODEL)
+        if self.main:
+            self.checkpoints.drop_previous()
         self.tracker.finish({"params": self.params, "total_seconds": time.perf_counter() - self.began})
