@@ -118,11 +118,20 @@ def tiny_tmpfs(tmp_path):
 
 @pytest.fixture(autouse=True)
 def fresh_hydra():
-    """Hydra keeps its config and search path in process-wide singletons that an in-process run
-    leaves set: a later test in the same process would read another run's half-filled config."""
+    """Hydra keeps its config and search path in process-wide singletons, and its job logging
+    replaces the root logger's handlers, and an in-process run leaves them so: a later test in the
+    same process would read another run's half-filled config, and log to a stream pytest has
+    closed ("--- Logging error ---" in its stderr)."""
+    import logging
+
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    handlers = logging.root.handlers[:]
     yield
     HydraConfig.instance().cfg = None
     GlobalHydra.instance().clear()
+    for handler in logging.root.handlers:
+        if handler not in handlers:
+            handler.close()
+    logging.root.handlers[:] = handlers
