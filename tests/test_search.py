@@ -201,3 +201,32 @@ def test_bad_search_input_is_one_line_before_any_trial(args, study_made, line, t
     assert code == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("error: ") and line in err.splitlines()[-1]
     assert not (sweep / "0").exists() and "Launching" not in out
+
+
+def test_the_pruning_benchmark_runs_the_same_seeded_search_with_and_without_a_pruner(fmnist_root, tmp_path):
+    import json
+    import math
+
+    import optuna
+
+    from resnet_lab.studies import open_storage
+
+    out, report = tmp_path / "out", tmp_path / "search.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "search.py"),
+                           "--root", str(fmnist_root), "--trials", "3", "--epochs", "2", "--train-batches", "2",
+                           "--eval-batches", "1", "--width", "4", "--device", "cpu", "--json", str(report),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=fresh_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    plain, pruned = result["searches"]["unpruned"], result["searches"]["median"]
+    assert plain["trials"] == pruned["trials"] == 3 and plain["epochs"] == 6 and plain["pruned"] == 0
+    assert pruned["epochs"] <= 6 and math.isclose(result["epoch_share"], pruned["epochs"] / 6)
+    assert math.isclose(result["best_val_gap"], plain["best_val_acc"] - pruned["best_val_acc"])
+    assert 0 < plain["best_trial_test_acc"] <= 1 and "of the unpruned search's epochs" in proc.stdout
+    # One seeded search: the same parameters trial by trial, whatever the pruner stopped.
+    params = []
+    for name in ("unpruned", "median"):
+        record = yaml.safe_load((out / name / results.RECORD).read_text())
+        trials = optuna.load_study(study_name=record["study_name"], storage=open_storage(record["storage"])).trials
+        params.append([t.params for t in trials])
+    assert params[0] == params[1] and len({str(p) for p in params[0]}) == 3
