@@ -78,6 +78,28 @@ def test_damaged_idx_file_is_named(file, damage, words, fmnist_root, tmp_path, m
     assert last.count("ubyte") == 1  # the intact files are not blamed
 
 
+@pytest.mark.parametrize("file, label, split, count", [
+    ("train-labels-idx1-ubyte", 200, "train", 320),
+    # One past the last class: before this check, found by the loss only after a whole epoch.
+    ("t10k-labels-idx1-ubyte", 10, "test", 80),
+])
+def test_an_idx_label_out_of_range_is_named_before_training(file, label, split, count, fmnist_root, tmp_path,
+                                                            monkeypatch, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(fmnist_root, root)
+    path = root / "FashionMNIST" / "raw" / file
+    data = bytearray(path.read_bytes())
+    data[8 + 5] = label  # the sixth label, after the IDX header's magic and size
+    path.write_bytes(bytes(data))
+    code, err = run_cli([f"dataset.root={root}", *RUN, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                        tmp_path, monkeypatch, capsys)
+    assert one_line_error(code, err) == (
+        f"error: dataset fashion_mnist: a {split} label is {label} (1 of the {count} {split} labels in "
+        f"{path.parent} are out of range), but the data set has 10 classes (labels 0 to 9); its label file is "
+        f"damaged or from another data set: delete it and download (or copy) it again")
+    assert not (tmp_path / "run" / rundir.METRICS).exists() and not rundir.last(tmp_path / "run").exists()
+
+
 def test_damaged_cifar_pickle_is_named(tmp_path, monkeypatch, capsys):
     root = write_cifar_like(tmp_path / "data")
     folder = root / torchvision.datasets.CIFAR10.base_folder
