@@ -118,6 +118,9 @@ def _remedy(cause: OSError, folder: Path) -> str:
 def write_file(path: Path, write: Callable[[IO[bytes]], None], after: str = "") -> None:
     """atomic_write, with a failed write (a full disk, a read-only folder) as one line for the
     user; `after`: what to do then."""
+    if path.is_dir():  # a path given on a command line: the rename would fail, naming its parent
+        raise UserError(f"{path} is a folder, not a file: nothing was written into it; give the path of a "
+                        f"file (one inside it, say)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)

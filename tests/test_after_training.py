@@ -3,6 +3,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from resnet_lab.models import MODELS, weights
 from resnet_lab.optim import build_optimizer
 from resnet_lab.trained import evaluate, export, predict
 from resnet_lab.trained import load as trained
-from tests.runs import fresh_env, metrics
+from tests.runs import contents, fresh_env, metrics, read_only_copy
 
 CLASSES = [f"k{i}" for i in range(6)]  # more than 5: top-5 accuracy too
 TEST_PER_CLASS = (3, 4, 2, 5, 3, 4)
@@ -282,6 +283,39 @@ def test_export_without_its_package(run_dir, tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip() == ("error: --format onnx needs the packages onnx, onnxscript and "
                                          "onnxruntime (onnx is missing): pip install 'resnet_lab[onnx]'")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["/proc/m.pt2", "a folder"])
+def test_export_to_a_place_that_cannot_be_written(out, run_dir, tmp_path, monkeypatch, capsys):
+    if out == "a folder":
+        out = tmp_path / "exported"
+        out.mkdir()
+    code, _, err = command(export, [run_dir, "--format", "pt2", "--out", out], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    if out == "/proc/m.pt2":  # procfs makes no files, whoever asks
+        assert err.startswith("error: could not write /proc/m.pt2 (") and "no m.pt2 was written" in err
+        assert err.strip().endswith(", or give --out a file elsewhere")
+    else:
+        assert err.strip() == (f"error: {out} is a folder, not a file: nothing was written into it; give the "
+                               f"path of a file (one inside it, say)")
+        assert list(out.iterdir()) == []
+
+
+def test_predict_out_a_folder_names_the_folder(run_dir, tmp_path, monkeypatch, capsys):
+    image = next((run_dir.parent / "images" / "test" / CLASSES[0]).iterdir())
+    code, _, err = command(predict, [run_dir, image, "--out", tmp_path], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (f"error: {tmp_path} is a folder, not a file: nothing was written into it; "
+                                         f"give the path of a file (one inside it, say)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_from_a_read_only_run_folder_says_to_write_elsewhere(run_dir, tmp_path, tiny_tmpfs, monkeypatch,
+                                                                   capsys):
+    copy, why = read_only_copy(run_dir, tmp_path, tiny_tmpfs)
+    code, _, err = command(export, [copy, "--format", "pt2"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (f"error: could not write {copy}/export/model.pt2 ({why}); no model.pt2 was "
+                                         f"written; make {copy}/export writable, or give --out a file elsewhere")
+    assert "hydra.run.dir" not in err
 
 
 def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(run_dir, monkeypatch, capsys):

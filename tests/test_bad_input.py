@@ -413,19 +413,10 @@ def test_run_folder_that_cannot_be_written(blocker, fmnist_root, tmp_path, monke
 
 def test_an_existing_run_folder_on_a_read_only_file_system(finished_run, fmnist_root, tmp_path, tiny_tmpfs,
                                                           monkeypatch, capsys):
-    # Root writes into any folder: it needs a file system mounted read-only.
-    root = os.geteuid() == 0
-    run_dir = (tiny_tmpfs(64 << 20) if root else tmp_path) / "run"
-    shutil.copytree(finished_run, run_dir)
-    if root:
-        subprocess.run(["mount", "-o", "remount,ro", str(run_dir.parent)], check=True)
-    else:
-        for path in (run_dir, *run_dir.rglob("*")):
-            path.chmod(path.stat().st_mode & ~0o222)
+    run_dir, why = runs.read_only_copy(finished_run, tmp_path, tiny_tmpfs)
     code, err = run_cli([f"dataset.root={fmnist_root}", *RUN, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch,
                         capsys)
     last = one_line_error(code, err)
-    why = "Read-only file system" if root else "Permission denied"
     assert last == (f"error: {run_dir / 'train.log'}: {why}; the run folder must be writable and "
                     f"have free space (choose it with hydra.run.dir, or hydra.sweep.dir for -m)")
 
