@@ -2,11 +2,14 @@
 (model.init: torchvision's state dicts, other class counts, grey against colour input)."""
 
 import csv
+import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +319,49 @@ def test_export_from_a_read_only_run_folder_says_to_write_elsewhere(run_dir, tmp
     assert code == 2 and err.strip() == (f"error: could not write {copy}/export/model.pt2 ({why}); no model.pt2 was "
                                          f"written; make {copy}/export writable, or give --out a file elsewhere")
     assert "hydra.run.dir" not in err
+
+
+def writing_end(fifo: Path, proc: subprocess.Popen) -> int:
+    """The FIFO's writing end, opened once proc has opened the FIFO to read: proc then waits in
+    its read for bytes that never come."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        time.sleep(0.01)
+    pytest.fail(f"{proc.args} never opened {fifo}")
+
+
+@pytest.mark.parametrize("name", ["evaluate", "predict"])
+def test_ctrl_c_exits_130_with_one_line_and_leaves_no_partial_file(name, run_dir, tmp_path):
+    # A FIFO for an image: the command blocks reading it (evaluate checking its data set's image
+    # headers, predict decoding it), and the SIGINT arrives there.
+    images = Path(shutil.copytree(run_dir.parent / "images", tmp_path / "images"))
+    fifo = images / "test" / CLASSES[0] / "blocks.bmp"
+    os.mkfifo(fifo)
+    out = tmp_path / "predictions.csv"
+    args = ([run_dir, f"dataset.root={images}", "name=interrupted"] if name == "evaluate"
+            else [run_dir, images / "test" / CLASSES[0] / "0.png", fifo, "--out", out])
+    before = contents(run_dir)
+    proc = subprocess.Popen([sys.executable, "-m", f"resnet_lab.{name}", *map(str, args)], cwd=tmp_path,
+                            env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a terminal's Ctrl-C finds it, whatever this process ignores
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    held = writing_end(fifo, proc)
+    proc.send_signal(signal.SIGINT)
+    # The kernel may hand the signal to another of its threads, which leaves the main thread in its
+    # read: the FIFO's end (no bytes) brings it back to Python, which then raises KeyboardInterrupt.
+    time.sleep(0.2)
+    os.close(held)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "error: interrupted; no file was left half-written (each is written whole or not at all)"
+    assert contents(run_dir) == before and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(run_dir, monkeypatch, capsys):
