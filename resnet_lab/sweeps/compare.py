@@ -92,7 +92,13 @@ def read_run(path: Path) -> Run:
                 if not any(k == key or k.startswith(key + ".") for key in UNCOMPARED)}
     # No status file: the job stopped (or is) before its tracker started, e.g. on a config error.
     status = read_status(path) or "not started"
-    return Run(path, compared, MetricsFile(path).read(), status, objective(config), chooses_best(config))
+    metrics = MetricsFile(path)
+    rows = metrics.read()
+    if metrics.torn:
+        lines = f"line{'s' if len(metrics.torn) > 1 else ''} {', '.join(map(str, metrics.torn))}"
+        print(f"warning: {metrics.path}: left out {lines}, a row cut off part way (the file was copied "
+              f"while it was written, or lost its end)", file=sys.stderr)
+    return Run(path, compared, rows, status, objective(config), chooses_best(config))
 
 
 def find_runs(paths: Sequence[Path]) -> List[Run]:
