@@ -20,9 +20,10 @@ import logging
 import os
 import socket
 import time
+import urllib.parse
 import zipfile
 from pathlib import Path
-from typing import IO, Callable, Dict, Optional
+from typing import IO, Callable, Dict, List, Optional
 
 from resnet_lab import distributed, locks
 from resnet_lab.errors import UserError
@@ -58,6 +59,9 @@ LOCK = ".lock"
 HYDRA_RECORD, KEPT_RECORD = ".hydra", "hydra"
 # In a sweep's folder: the sweep's W&B group, drawn by its first job (sweep_group).
 SWEEP_GROUP = ".wandb_group"
+# In a sweep's folder: a file for each job folder whose latest job failed before it trained
+# (hydra_record_kept), so that the sweep's summary does not take an earlier run left there for it.
+NOT_RUN = ".not_run"
 
 
 def last(run_dir: Path) -> Path:
@@ -139,6 +143,9 @@ def _remedy(cause: OSError, folder: Path) -> str:
 def write_file(path: Path, write: Callable[[IO[bytes]], None], after: str = "") -> None:
     """atomic_write, with a failed write (a full disk, a read-only folder) as one line for the
     user; `after`: what to do then."""
+    if path.is_dir():  # a path given on a command line: the rename would fail, naming its parent
+        raise UserError(f"{path} is a folder, not a file: nothing was written into it; give the path of a "
+                        f"file (one inside it, say)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)
@@ -269,17 +276,45 @@ def _stamp(path: Path):
 
 
 @contextlib.contextmanager
-def hydra_record_kept(run_dir: Path):
+def hydra_record_kept(run_dir: Path, sweep_dir: Optional[Path] = None):
     """Around a job in its run folder. Hydra rewrites the folder's .hydra record before the job
     runs, also for a command that then trains nothing (a finished run, a resume into another
     model, a value out of range): the record would name a command the run never trained with,
     and `compare` would show it. A job that leaves the status file untouched trained nothing,
-    so the record of the last command that did comes back. Relies on: Hydra writes the record
-    before the job runs (tests/test_hydra_contract.py)."""
+    so the record of the last command that did comes back. A job of the sweep in sweep_dir that
+    trained nothing and failed is marked not run there (not_run). Relies on: Hydra writes the
+    record before the job runs (tests/test_hydra_contract.py)."""
     status, kept = run_dir / STATUS, run_dir / CHECKPOINTS / KEPT_RECORD
     before = _stamp(status)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if _stamp(status) == before and kept.is_dir() and (run_dir / HYDRA_RECORD).is_dir():
+        untouched = _stamp(status) == before
+        if untouched and kept.is_dir() and (run_dir / HYDRA_RECORD).is_dir():
             _copy_record(kept, run_dir / HYDRA_RECORD)
+        if sweep_dir is not None:
+            _mark_not_run(Path(sweep_dir), run_dir, failed and untouched)
+
+
+def _mark_not_run(sweep_dir: Path, run_dir: Path, not_run: bool) -> None:
+    """Mark (or unmark) the job in run_dir as not run; a mark that cannot be written costs only
+    the summary's accuracy, never the job or its own error."""
+    mark = sweep_dir / NOT_RUN / urllib.parse.quote(os.path.relpath(run_dir, sweep_dir), safe="")
+    with contextlib.suppress(OSError):
+        if not_run:
+            mark.parent.mkdir(exist_ok=True)
+            mark.touch()
+        else:
+            mark.unlink(missing_ok=True)
+
+
+def not_run(sweep_dir: Path) -> List[Path]:
+    """The job folders of the sweep in sweep_dir whose latest job failed before it trained:
+    whatever they hold is an earlier run's, not that job's."""
+    folder = Path(sweep_dir) / NOT_RUN
+    marks = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [(Path(sweep_dir) / urllib.parse.unquote(mark.name)).resolve() for mark in marks]

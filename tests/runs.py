@@ -3,6 +3,7 @@ started in a folder, a run caught at a checkpoint, and what a run folder holds."
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,17 @@ def contents(run_dir: Path) -> dict:
     return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
             if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
             and not p.name.startswith("debug")}
+
+
+def read_only_copy(run_dir: Path, tmp_path: Path, tiny_tmpfs) -> tuple:
+    """A copy of run_dir that cannot be written, and the strerror a write into it gets. Root writes
+    into any folder: for root the copy is on a tmpfs remounted read-only."""
+    root = os.geteuid() == 0
+    copy = (tiny_tmpfs(64 << 20) if root else tmp_path) / "run"
+    shutil.copytree(run_dir, copy)
+    if root:
+        subprocess.run(["mount", "-o", "remount,ro", str(copy.parent)], check=True)
+    else:
+        for path in (copy, *copy.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+    return copy, "Read-only file system" if root else "Permission denied"

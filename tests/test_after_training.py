@@ -2,10 +2,14 @@
 (model.init: torchvision's state dicts, other class counts, grey against colour input)."""
 
 import csv
+import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from resnet_lab.models import MODELS, weights
 from resnet_lab.optim import build_optimizer
 from resnet_lab.trained import evaluate, export, predict
 from resnet_lab.trained import load as trained
-from tests.runs import fresh_env, metrics
+from tests.runs import contents, fresh_env, metrics, read_only_copy
 
 CLASSES = [f"k{i}" for i in range(6)]  # more than 5: top-5 accuracy too
 TEST_PER_CLASS = (3, 4, 2, 5, 3, 4)
@@ -282,6 +286,82 @@ def test_export_without_its_package(run_dir, tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip() == ("error: --format onnx needs the packages onnx, onnxscript and "
                                          "onnxruntime (onnx is missing): pip install 'resnet_lab[onnx]'")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["/proc/m.pt2", "a folder"])
+def test_export_to_a_place_that_cannot_be_written(out, run_dir, tmp_path, monkeypatch, capsys):
+    if out == "a folder":
+        out = tmp_path / "exported"
+        out.mkdir()
+    code, _, err = command(export, [run_dir, "--format", "pt2", "--out", out], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    if out == "/proc/m.pt2":  # procfs makes no files, whoever asks
+        assert err.startswith("error: could not write /proc/m.pt2 (") and "no m.pt2 was written" in err
+        assert err.strip().endswith(", or give --out a file elsewhere")
+    else:
+        assert err.strip() == (f"error: {out} is a folder, not a file: nothing was written into it; give the "
+                               f"path of a file (one inside it, say)")
+        assert list(out.iterdir()) == []
+
+
+def test_predict_out_a_folder_names_the_folder(run_dir, tmp_path, monkeypatch, capsys):
+    image = next((run_dir.parent / "images" / "test" / CLASSES[0]).iterdir())
+    code, _, err = command(predict, [run_dir, image, "--out", tmp_path], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (f"error: {tmp_path} is a folder, not a file: nothing was written into it; "
+                                         f"give the path of a file (one inside it, say)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_from_a_read_only_run_folder_says_to_write_elsewhere(run_dir, tmp_path, tiny_tmpfs, monkeypatch,
+                                                                   capsys):
+    copy, why = read_only_copy(run_dir, tmp_path, tiny_tmpfs)
+    code, _, err = command(export, [copy, "--format", "pt2"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (f"error: could not write {copy}/export/model.pt2 ({why}); no model.pt2 was "
+                                         f"written; make {copy}/export writable, or give --out a file elsewhere")
+    assert "hydra.run.dir" not in err
+
+
+def writing_end(fifo: Path, proc: subprocess.Popen) -> int:
+    """The FIFO's writing end, opened once proc has opened the FIFO to read: proc then waits in
+    its read for bytes that never come."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        time.sleep(0.01)
+    pytest.fail(f"{proc.args} never opened {fifo}")
+
+
+@pytest.mark.parametrize("name", ["evaluate", "predict"])
+def test_ctrl_c_exits_130_with_one_line_and_leaves_no_partial_file(name, run_dir, tmp_path):
+    # A FIFO for an image: the command blocks reading it (evaluate checking its data set's image
+    # headers, predict decoding it), and the SIGINT arrives there.
+    images = Path(shutil.copytree(run_dir.parent / "images", tmp_path / "images"))
+    fifo = images / "test" / CLASSES[0] / "blocks.bmp"
+    os.mkfifo(fifo)
+    out = tmp_path / "predictions.csv"
+    args = ([run_dir, f"dataset.root={images}", "name=interrupted"] if name == "evaluate"
+            else [run_dir, images / "test" / CLASSES[0] / "0.png", fifo, "--out", out])
+    before = contents(run_dir)
+    proc = subprocess.Popen([sys.executable, "-m", f"resnet_lab.{name}", *map(str, args)], cwd=tmp_path,
+                            env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a terminal's Ctrl-C finds it, whatever this process ignores
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    held = writing_end(fifo, proc)
+    proc.send_signal(signal.SIGINT)
+    # The kernel may hand the signal to another of its threads, which leaves the main thread in its
+    # read: the FIFO's end (no bytes) brings it back to Python, which then raises KeyboardInterrupt.
+    time.sleep(0.2)
+    os.close(held)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "error: interrupted; no file was left half-written (each is written whole or not at all)"
+    assert contents(run_dir) == before and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_evaluate_with_wandb_logs_an_eval_run_with_its_charts_and_wrong_images(run_dir, monkeypatch, capsys):

@@ -78,6 +78,28 @@ def test_damaged_idx_file_is_named(file, damage, words, fmnist_root, tmp_path, m
     assert last.count("ubyte") == 1  # the intact files are not blamed
 
 
+@pytest.mark.parametrize("file, label, split, count", [
+    ("train-labels-idx1-ubyte", 200, "train", 320),
+    # One past the last class: before this check, found by the loss only after a whole epoch.
+    ("t10k-labels-idx1-ubyte", 10, "test", 80),
+])
+def test_an_idx_label_out_of_range_is_named_before_training(file, label, split, count, fmnist_root, tmp_path,
+                                                            monkeypatch, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(fmnist_root, root)
+    path = root / "FashionMNIST" / "raw" / file
+    data = bytearray(path.read_bytes())
+    data[8 + 5] = label  # the sixth label, after the IDX header's magic and size
+    path.write_bytes(bytes(data))
+    code, err = run_cli([f"dataset.root={root}", *RUN, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                        tmp_path, monkeypatch, capsys)
+    assert one_line_error(code, err) == (
+        f"error: dataset fashion_mnist: a {split} label is {label} (1 of the {count} {split} labels in "
+        f"{path.parent} are out of range), but the data set has 10 classes (labels 0 to 9); its label file is "
+        f"damaged or from another data set: delete it and download (or copy) it again")
+    assert not (tmp_path / "run" / rundir.METRICS).exists() and not rundir.last(tmp_path / "run").exists()
+
+
 def test_damaged_cifar_pickle_is_named(tmp_path, monkeypatch, capsys):
     root = write_cifar_like(tmp_path / "data")
     folder = root / torchvision.datasets.CIFAR10.base_folder
@@ -391,19 +413,10 @@ def test_run_folder_that_cannot_be_written(blocker, fmnist_root, tmp_path, monke
 
 def test_an_existing_run_folder_on_a_read_only_file_system(finished_run, fmnist_root, tmp_path, tiny_tmpfs,
                                                           monkeypatch, capsys):
-    # Root writes into any folder: it needs a file system mounted read-only.
-    root = os.geteuid() == 0
-    run_dir = (tiny_tmpfs(64 << 20) if root else tmp_path) / "run"
-    shutil.copytree(finished_run, run_dir)
-    if root:
-        subprocess.run(["mount", "-o", "remount,ro", str(run_dir.parent)], check=True)
-    else:
-        for path in (run_dir, *run_dir.rglob("*")):
-            path.chmod(path.stat().st_mode & ~0o222)
+    run_dir, why = runs.read_only_copy(finished_run, tmp_path, tiny_tmpfs)
     code, err = run_cli([f"dataset.root={fmnist_root}", *RUN, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch,
                         capsys)
     last = one_line_error(code, err)
-    why = "Read-only file system" if root else "Permission denied"
     assert last == (f"error: {run_dir / 'train.log'}: {why}; the run folder must be writable and "
                     f"have free space (choose it with hydra.run.dir, or hydra.sweep.dir for -m)")
 

@@ -120,6 +120,20 @@ def write_run(path, config, val=None, test=(0.5,), status="finished"):
     return path
 
 
+def test_a_metrics_file_that_ends_in_a_torn_row_is_compared_without_it(tmp_path, capsys):
+    run = write_run(tmp_path / "0", {}, test=[0.5, 0.6])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # a copy taken while epoch 3's row was written
+    main([str(run), "--csv", str(tmp_path / "runs.csv")])
+    out = capsys.readouterr()
+    assert out.err == (f"warning: {run / 'metrics.jsonl'}: left out line 3, a row cut off part way (the file was "
+                       f"copied while it was written, or lost its end)\n")
+    assert "0.6000" in out.out
+    with open(tmp_path / "runs.csv") as f:
+        [row] = csv.DictReader(f)
+    assert (row["test_acc"], row["epochs"], row["status"]) == ("0.6", "2/2", "finished")
+
+
 def test_with_a_split_runs_are_judged_at_their_best_validation_epoch(tmp_path, capsys):
     split = {"dataset.val_fraction": 0.1}
     # Run 0's best validation epoch is 2, where its test accuracy (0.5) is not its best (0.9).

@@ -3,6 +3,7 @@ process), a failing job that does not leak into the next, the Optuna search with
 trial (tests/test_search.py has the rest of it), joblib."""
 
 import json
+import os
 import re
 
 import pytest
@@ -77,6 +78,20 @@ def test_a_sweep_with_a_failed_job_still_ends_with_its_runs_side_by_side(tmp_pat
     assert code == 2
     assert f"sweep {sweep}" in out and "failed" in out and f"best run: {sweep / '1'}" in out
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: the training loss became NaN")
+
+
+def test_a_sweep_rerun_into_its_folder_does_not_take_a_refused_jobs_earlier_run_for_its_result(tmp_path, fmnist_root):
+    code, sweep, _ = multirun(tmp_path, fmnist_root, "optim.lr=0.001,0.002", "logger=none")
+    assert code == 0
+    # Job 0 asks for another rate than the finished run in its folder, job 1 for one out of range:
+    # both are refused, and their folders keep the first sweep's runs (lr 0.001 and 0.002).
+    code, _, out = multirun(tmp_path, fmnist_root, "optim.lr=0.003,-1", "logger=none")
+    assert code == 2
+    assert "not run: 0, 1 (failed before training; left out: what their folders hold is from before this sweep)" in out
+    assert "best run: none, no run finished" in out and f"sweep {sweep}" not in out
+    # The first sweep's command again: each job finds its finished run, which is its result again.
+    code, _, out = multirun(tmp_path, fmnist_root, "optim.lr=0.001,0.002", "logger=none")
+    assert code == 0 and "not run" not in out and f"best run: {sweep}{os.sep}" in out
 
 
 def test_an_optuna_search_whose_every_trial_fails_says_so(tmp_path, fmnist_root, capsys):

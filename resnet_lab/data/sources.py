@@ -117,8 +117,20 @@ def _load(cls, cfg, train: bool) -> Tuple[TensorSplit, List[str]]:
             f"{' '.join(str(e).split())[:200]}); they may be truncated or corrupt: delete them "
             f"and download again"
         ) from e
+    _check_labels(cfg.name, folder, "train" if train else "test", labels, len(ds.classes))
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return TensorSplit(images.contiguous(), labels), list(ds.classes)
+
+
+def _check_labels(name: str, folder: str, split: str, labels: torch.Tensor, classes: int) -> None:
+    """Every label a class index: the loss would otherwise fail on the first batch holding a bad
+    one, for the test split only after a whole epoch of training."""
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if len(bad):
+        raise UserError(f"dataset {name}: a {split} label is {bad[0].item()} ({len(bad)} of the {len(labels)} "
+                        f"{split} labels in {folder} are out of range), but the data set has {classes} classes "
+                        f"(labels 0 to {classes - 1}); its label file is damaged or from another data set: "
+                        f"delete it and download (or copy) it again")
 
 
 def _torchvision(name: str, cls):

@@ -92,7 +92,13 @@ def read_run(path: Path) -> Run:
                 if not any(k == key or k.startswith(key + ".") for key in UNCOMPARED)}
     # No status file: the job stopped (or is) before its tracker started, e.g. on a config error.
     status = read_status(path) or "not started"
-    return Run(path, compared, MetricsFile(path).read(), status, objective(config), chooses_best(config))
+    metrics = MetricsFile(path)
+    rows = metrics.read()
+    if metrics.torn:
+        lines = f"line{'s' if len(metrics.torn) > 1 else ''} {', '.join(map(str, metrics.torn))}"
+        print(f"warning: {metrics.path}: left out {lines}, a row cut off part way (the file was copied "
+              f"while it was written, or lost its end)", file=sys.stderr)
+    return Run(path, compared, rows, status, objective(config), chooses_best(config))
 
 
 def find_runs(paths: Sequence[Path]) -> List[Run]:
@@ -271,10 +277,20 @@ class SweepSummary(Callback):
     @staticmethod
     def summarise(sweep_dir: Path) -> None:
         try:
-            runs = find_runs([sweep_dir])
+            found = find_runs([sweep_dir])
         except UserError:
             return
-        show(records(runs), title=f"sweep {sweep_dir}")
+        # A job refused before it trained (a value out of range, other settings than the finished
+        # run in its folder) leaves that folder's earlier run, which is not the sweep's result.
+        not_run = rundir.not_run(sweep_dir)
+        runs = [run for run in found if run.path not in not_run]
+        if runs:
+            show(records(runs), title=f"sweep {sweep_dir}")
+        left_out = [run.path.name for run in found if run.path in not_run]
+        if left_out:
+            Console().print(f"not run: {', '.join(left_out)} (failed before training; left out: what "
+                            f"{'their folders hold' if len(left_out) > 1 else 'its folder holds'} is from before "
+                            f"this sweep)", soft_wrap=True)
         pruned = [run for run in runs if run.status == "pruned"]
         if pruned:
             planned = sum(run.config.get("trainer.epochs") or 0 for run in runs)

@@ -12,13 +12,14 @@ not offered.
 """
 
 import argparse
-import os
+import io
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from resnet_lab import rundir
 from resnet_lab.errors import UserError
 from resnet_lab.trained import load as trained
 
@@ -48,12 +49,15 @@ def dynamic_batch() -> tuple:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-def pt2(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
-    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic_batch()), str(path))
-    return torch.export.load(str(path)).module()
+# Each format: the exported file's bytes, and the model read back from them (for the check).
+# Exported in memory, so that the file is written as every other output is (rundir.write_file).
+def pt2(module: nn.Module, example: torch.Tensor) -> Tuple[bytes, Callable]:
+    data = io.BytesIO()
+    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic_batch()), data)
+    return data.getvalue(), torch.export.load(io.BytesIO(data.getvalue())).module()
 
 
-def onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
+def onnx(module: nn.Module, example: torch.Tensor) -> Tuple[bytes, Callable]:
     try:
         import onnx  # noqa: F401  (the exporter needs onnx and onnxscript; onnxruntime runs the check)
         import onnxruntime
@@ -61,12 +65,12 @@ def onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Callable:
     except ImportError as e:
         raise UserError(f"--format onnx needs the packages onnx, onnxscript and onnxruntime ({e.name} is "
                         f"missing): pip install 'resnet_lab[onnx]'") from e
-    # The weights inside the one file (they are far below ONNX's 2 GB limit), so that renaming it
-    # into place moves them too.
-    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes=dynamic_batch(), dynamo=True, external_data=False, verbose=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    # The weights inside the one file: they are far below ONNX's 2 GB limit.
+    program = torch.onnx.export(module, (example,), input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=dynamic_batch(), dynamo=True, verbose=False)
+    data = program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
 FORMATS: Dict[str, Callable] = {"onnx": onnx, "pt2": pt2}
@@ -76,20 +80,15 @@ def export(run: trained.Trained, fmt: str, out: Path) -> float:
     """Write the run's model as `fmt` to `out`; the largest absolute difference from eager."""
     module = Deployed(run.model, run.data.normalizer).eval()
     images = trained.sample_images(run.data, CHECK_IMAGES)
-    tmp = out.with_name(f".tmp-{out.name}")  # the suffix kept: torch.export.load reads it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with torch.no_grad():
-            loaded = FORMATS[fmt](module, images[:2], tmp)
-            eager, exported = module(images), loaded(images)
-        diff = (eager - exported).abs().max().item()
-        allowed = TOLERANCE * max(1.0, eager.abs().max().item())
-        if not diff <= allowed:
-            raise UserError(f"the {fmt} export of {run.weights} differs from eager PyTorch by {diff:.3g} "
-                            f"(allowed {allowed:.3g}); nothing was written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with torch.no_grad():
+        data, loaded = FORMATS[fmt](module, images[:2])
+        eager, exported = module(images), loaded(images)
+    diff = (eager - exported).abs().max().item()
+    allowed = TOLERANCE * max(1.0, eager.abs().max().item())
+    if not diff <= allowed:
+        raise UserError(f"the {fmt} export of {run.weights} differs from eager PyTorch by {diff:.3g} "
+                        f"(allowed {allowed:.3g}); nothing was written")
+    rundir.write_file(out, lambda f: f.write(data), after=", or give --out a file elsewhere")
     return diff
 
 

@@ -157,9 +157,14 @@ def _saved_classes(run_dir: Path) -> Optional[List[str]]:
 
 
 def main(command) -> None:
-    """Run a command's main with the project's one-line errors: exit 2 and `error: ...`."""
+    """Run a command's main with the project's one-line errors: exit 2 and `error: ...`; 130 for
+    Ctrl-C, as a shell reports a command that SIGINT ended."""
     try:
         command(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("error: interrupted; no file was left half-written (each is written whole or not at all)",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001
         message = describe(e)
         if message is None:

@@ -51,15 +51,27 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / rundir.METRICS
+        self.torn: List[int] = []  # the line numbers of rows read() left out
 
     def write(self, metrics: Dict[str, float]) -> None:
         rows = self.path.read_bytes() if self.path.exists() else b""
         write_file(self.path, lambda f: f.write(rows + (json.dumps(metrics) + "\n").encode()))
 
     def read(self) -> List[Dict[str, float]]:
+        """The rows, less those that do not parse: write() never tears one, but a copy of the file
+        taken while it was written, or a disk that lost its end, can leave part of one."""
+        self.torn = []
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                self.torn.append(number)
+        return rows
 
 
 _announced_mode = False

@@ -81,15 +81,15 @@ def hydra_record(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://resnet_lab.conf", config_name="config")
 def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep_dir = None if HydraConfig.get().mode == RunMode.RUN else Path(HydraConfig.get().sweep.dir)
     if isinstance(sys.stderr, HeldBack):  # python -m resnet_lab's, which tells a single run's error from a sweep's
-        single = HydraConfig.get().mode == RunMode.RUN
-        sys.stderr.job(single, None if single else Path(HydraConfig.get().sweep.dir))
+        sys.stderr.job(sweep_dir is None, sweep_dir)
     ranks = distributed.from_env()
     # One run in the folder at a time (a submitit job's tasks make their process group here to
     # learn whether rank 0 holds it). Rank 0's alone: under torchrun the other ranks write no
     # Hydra record (resnet_lab/__main__.py).
     with distributed.process_group(ranks), rundir.held(run_dir, ranks.is_main, hydra_record(cfg)), \
-            rundir.hydra_record_kept(run_dir) if ranks.is_main else contextlib.nullcontext(), \
+            rundir.hydra_record_kept(run_dir, sweep_dir) if ranks.is_main else contextlib.nullcontext(), \
             sharing.machine_share(cfg.device.type, max(ranks.world_size, cfg.device.world_size)):
         try:
             return launch(cfg, run_dir, ranks)
