@@ -2,6 +2,7 @@
 by side in one process, on CIFAR-shaped input (3x32x32, 10 classes).
 
     python benchmarks/timm_models.py [--models resnet50d seresnet50] [--batch 32] [--steps 5] [--rounds 3]
+        [--json FILE]
 
 Both are the same network (tests/test_timm_models.py: the same state dict gives the same
 logits); each step is forward, backward and an SGD update in fp32, eager, contiguous layout, on
@@ -10,12 +11,16 @@ the medians are reported, because a shared machine's speed drifts.
 """
 
 import argparse
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
 
+from resnet_lab.device import device_name
 from resnet_lab.models import MODELS
 
 
@@ -36,7 +41,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    result = {"device_name": device_name("cpu"), "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+              "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()[0], "models": {}}
+    print(f"{result['device_name']}, {result['threads']} threads")
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     print(f"{'model':<12} {'resnet_lab img/s':>16} {'timm img/s':>11} {'ratio':>6}")
@@ -51,6 +60,11 @@ def main() -> None:
                 rates[key].append(images_per_second(nets[key], x, y, args.steps))
         ours, theirs = (statistics.median(rates[k]) for k in nets)
         print(f"{name:<12} {ours:>16.1f} {theirs:>11.1f} {ours / theirs:>6.3f}")
+        result["models"][name] = {"resnet_lab_images_per_s": ours, "timm_images_per_s": theirs,
+                                  "ratio": ours / theirs, "rounds": rates}
+    result["loadavg_end"] = os.getloadavg()[0]
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -101,3 +101,22 @@ def test_a_broken_safetensors_file_is_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         weights.init(MODELS.get("resnet18d")(width=8), broken)
     assert str(error.value).startswith(f"{broken}: not a readable .safetensors file")
+
+
+def test_the_speed_benchmark_against_timm_reports_both_definitions_and_their_ratio(tmp_path):
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "timm.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "timm_models.py"),
+                           "--models", "resnet50d", "--batch", "2", "--steps", "1", "--rounds", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    row = result["models"]["resnet50d"]
+    assert [len(row["rounds"][k]) for k in ("resnet_lab", "timm")] == [2, 2]
+    assert math.isclose(row["ratio"], row["resnet_lab_images_per_s"] / row["timm_images_per_s"])
+    assert result["device_name"] in proc.stdout and "resnet50d" in proc.stdout
