@@ -120,10 +120,11 @@ def stop_at(proc: subprocess.Popen, run_dir: Path, target, signum: int = signal.
 
 def damage_in_middle(path: Path) -> None:
     """200 bytes of the file overwritten in its middle: torch.load reads a checkpoint so damaged
-    without a word."""
+    without a word. Inverted rather than zeroed, since the middle may hold zeros already (a zip
+    record's alignment padding, a zero tensor)."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 200] = bytes(200)
+    data[middle:middle + 200] = bytes(b ^ 0xFF for b in data[middle:middle + 200])
     path.write_bytes(bytes(data))
 
 
