@@ -12,9 +12,9 @@ The weights are not inside last.pt: each checkpoint writes them to a file of the
 name every time makes the pair safe against a kill between the two writes (last.pt names the old
 file until it is replaced, and the old file goes only after), and lets `best.pt` and the run's
 `model.pt` be hard links to the same bytes rather than copies: a run keeps its weights once and
-the optimizer state once, and once more for the checkpoint before the last: replacing last.pt
-keeps the old one as previous.pt (a hard link), with its weights file, to resume from should
-last.pt fail its check.
+the optimizer state once, and while it trains once more for the checkpoint before the last:
+replacing last.pt keeps the old one as previous.pt (a hard link), with its weights file, to resume
+from should last.pt fail its check. A finished run removes that one.
 """
 
 import json
@@ -226,9 +226,7 @@ class Checkpointer:
         kept, self.weights, self.keep_last = self.weights, new, True
         # Only now that last.pt names the new file may the older ones go (a kill in between
         # leaves an extra file, which the next checkpoint removes).
-        for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
-            if old not in (new, kept):
-                old.unlink(missing_ok=True)
+        self._remove_weights_but(new, kept)
         self.repair(state, best)
         if not self.record_kept:  # Hydra's record stays the same while the job runs
             keep_hydra_record(self.folder.parent)
@@ -253,12 +251,14 @@ class Checkpointer:
         """Remove previous.pt and its weights file: a finished run resumes no more, and keeps one
         checkpoint's bytes, not two."""
         (self.folder / PREVIOUS).unlink(missing_ok=True)
-        if self.weights is None:  # which file last.pt names is unknown here: keep them all
-            return
+        if self.weights is not None:  # else which file last.pt names is unknown here: keep them all
+            self._remove_weights_but(self.weights)
+
+    def _remove_weights_but(self, *kept: Optional[Path]) -> None:
+        names = {Path(path).name for path in kept if path is not None}
         for old in self.folder.glob(f"{WEIGHTS_PREFIX}*.pt"):
-            if old.name != Path(self.weights).name:
+            if old.name not in names:
                 old.unlink(missing_ok=True)
-        self.keep_last = False
 
     def publish(self, target: Path, after: str) -> None:
         """The last checkpoint's weights as `target` (best.pt, model.pt): a hard link to its
