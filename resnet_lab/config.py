@@ -54,7 +54,10 @@ class DatasetConfig:
     name theirs in their defaults list)."""
 
     name: str = MISSING
+    # flip: a horizontal flip with probability 1/2; flip_crop: then a random crop of the image
+    # padded by crop_padding zero pixels each side (a translation by up to that many pixels).
     augment: str = "none"
+    crop_padding: int = 4
     # The share of the training set held out, stratified by class and the same in every run,
     # to choose settings on instead of the test set (0: none).
     val_fraction: float = 0.0
@@ -191,6 +194,9 @@ class TrainerConfig:
     objective: str = "auto"
     # Evaluate each image and its mirror image, and average their logits (test-time augmentation).
     tta: bool = False
+    # Also evaluate each image (and with tta its mirror) shifted this many pixels both ways
+    # diagonally, and average: half the weight on the unshifted views, half on the shifted.
+    tta_shift: int = 0
 
 
 @dataclass
@@ -269,8 +275,8 @@ def register_configs() -> None:
 
 
 CHOICES = {
-    "dataset.augment": ("none", "flip_crop"),
-    "sched.name": ("none", "cosine", "step", "onecycle"),
+    "dataset.augment": ("none", "flip", "flip_crop"),
+    "sched.name": ("none", "cosine", "linear", "step", "onecycle"),
     "device.type": ("auto", "cpu", "cuda", "mps"),
     "device.precision": (None, "fp32", "bf16", "fp16"),
     "device.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -298,6 +304,8 @@ BOUNDS = {
     "trainer.limit_eval_batches": (0, True),
     "trainer.checkpoint_every_steps": (0, True),
     "trainer.accumulate": (1, True),
+    "trainer.tta_shift": (0, True),
+    "dataset.crop_padding": (1, True),
     "dataset.randaugment_ops": (1, True),
     "dataset.randaugment_magnitude": (0, True),
     "dataset.rotate": (0, True),

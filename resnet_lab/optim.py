@@ -101,6 +101,11 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
                                        base_momentum=low, max_momentum=high)
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=cfg.min_lr)
+    elif cfg.name == "linear":
+        # Warm-up then a straight line down (the CIFAR-10 speed records' schedule); min_lr is
+        # the head's end (the last group's), the other groups end in proportion to their rate.
+        end = cfg.min_lr / optimizer.param_groups[-1]["lr"]
+        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=min(end, 1.0), total_iters=main_steps)
     elif cfg.name == "step":
         at = cfg.milestone_steps or [round(m * total_steps) for m in cfg.milestones]
         milestones = sorted({max(1, s - warmup) for s in at})
@@ -108,7 +113,7 @@ def build_scheduler(optimizer: optim.Optimizer, cfg, steps_per_epoch: int,
     elif cfg.name == "none":
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
-        raise UserError(f"sched.name={cfg.name}: must be one of none, cosine, step, onecycle")
+        raise UserError(f"sched.name={cfg.name}: must be one of none, cosine, linear, step, onecycle")
     if not warmup:
         return main
     rise = lr_scheduler.LinearLR(optimizer, start_factor=cfg.warmup_start_factor, total_iters=warmup)

@@ -224,10 +224,11 @@ def test_without_a_validation_split_there_is_no_best_checkpoint_and_evaluate_say
 
 
 def test_checkpoint_ema_evaluates_the_average_the_run_measured(tmp_path, monkeypatch, capsys):
+    # ... with the test-time augmentation the run measured it with.
     images = write_images(tmp_path / "images")
     folder = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "resnet_lab", *RUN, f"dataset.root={images}", "trainer.epochs=1",
-                           "ema.decay=0.5", f"hydra.run.dir={folder}"], capture_output=True, text=True, cwd=tmp_path,
+                           "ema.decay=0.5", "trainer.tta=true", "trainer.tta_shift=1", f"hydra.run.dir={folder}"], capture_output=True, text=True, cwd=tmp_path,
                           env=fresh_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     last = metrics(folder)[-1]
@@ -237,6 +238,17 @@ def test_checkpoint_ema_evaluates_the_average_the_run_measured(tmp_path, monkeyp
     report = json.loads((folder / "eval" / "image_folder-ema.json").read_text())
     assert report["accuracy"] == last["test_acc_ema"]
     assert report["loss"] == pytest.approx(last["test_loss_ema"], rel=1e-5)
+    code, out, _ = command(evaluate, [folder, "checkpoint=ema", "name=plain", "trainer.tta=false",
+                                      "trainer.tta_shift=0"], monkeypatch, capsys)
+    assert code == 0
+    plain = json.loads((folder / "eval" / "plain.json").read_text())
+    assert plain["loss"] != pytest.approx(report["loss"], rel=1e-5)
+    # predict gives each image the probabilities evaluate measured, test-time augmentation and all.
+    confidence = {r["file"]: float(r["confidence"]) for r in csv.DictReader((folder / "eval" / "image_folder-ema_predictions.csv").open())}
+    out = tmp_path / "predictions.csv"
+    code, _, _ = command(predict, [folder, images / "test", "checkpoint=ema", "--out", out], monkeypatch, capsys)
+    assert code == 0
+    assert {r["file"]: float(r["probability_1"]) for r in csv.DictReader(out.open())} == pytest.approx(confidence, abs=2e-6)
 
 
 def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys):

@@ -43,7 +43,7 @@ def data_root(tmp_path_factory):
 
 def test_groups_are_discovered():
     assert {"resnet18", "resnet34", "resnet50"} <= set(GROUPS["model"])
-    assert len(GROUPS["dataset"]) == 7 and len(GROUPS["optim"]) == 3 and len(GROUPS["sched"]) == 4
+    assert len(GROUPS["dataset"]) == 7 and len(GROUPS["optim"]) == 3 and len(GROUPS["sched"]) == 5
 
 
 @pytest.mark.parametrize("stem", ["imagenet", "cifar"])
@@ -145,6 +145,14 @@ def test_schedule_knobs_shape_the_curve():
     lrs = lr_curve("sched=onecycle", "sched.pct_start=0.5", steps=29)
     assert 13 <= max(range(len(lrs)), key=lrs.__getitem__) <= 15
     assert max(range(len(lrs)), key=lr_curve("sched=onecycle", steps=29).__getitem__) < 10
+
+
+def test_linear_schedule_rises_then_falls_in_straight_lines():
+    lrs = lr_curve("sched=linear", "sched.warmup_epochs=1", "sched.min_lr=0.1")
+    assert lrs[0] == pytest.approx(0.01) and lrs[10] == pytest.approx(1.0) and lrs[30] == pytest.approx(0.1)
+    falls = [a - b for a, b in zip(lrs[10:30], lrs[11:31])]
+    assert falls == pytest.approx([0.9 / 20] * 20)  # the same step down each update
+    assert lr_curve("sched=linear")[0] == 1.0  # no warm-up: it starts at the peak
 
 
 def test_optimizer_knobs_reach_torch():

@@ -358,6 +358,26 @@ def test_tta_averages_the_logits_of_each_image_and_its_mirror():
     assert plain["test_loss"] != pytest.approx(tta["test_loss"])
 
 
+def test_tta_shift_averages_the_image_moved_one_pixel_each_way_diagonally():
+    images = torch.randint(0, 256, (6, 1, 4, 5), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    data = DeviceLoader(TensorSplit(images, labels), 6, Normalizer(torch.zeros(1), torch.ones(1) / 255, CPU),
+                        shuffle=False)
+    x = images.float()
+    rows, cols = torch.arange(4), torch.arange(5)
+    # Moved down-right: pixel (i, j) shows (i - 1, j - 1), the first row and column repeated;
+    # moved up-left: it shows (i + 1, j + 1), the last ones repeated.
+    down = x[:, :, (rows - 1).clamp(0)][..., (cols - 1).clamp(0)]
+    up = x[:, :, (rows + 1).clamp(max=3)][..., (cols + 1).clamp(max=4)]
+    for tta, expected in [(False, x / 2 + (down + up) / 4),
+                          (True, (x + x.flip(3)) / 4 + (down + down.flip(3) + up + up.flip(3)) / 8)]:
+        got = evaluate(Identity(), data, runtime(), tta=tta, tta_shift=1)
+        assert got["test_loss"] == pytest.approx(F.cross_entropy(expected.flatten(1), labels).item(), rel=1e-6)
+    assert composed("trainer.tta_shift=2").trainer.tta_shift == 2
+    with pytest.raises(UserError, match=r"^trainer.tta_shift=-1: must be >= 0$"):
+        validate(composed("trainer.tta_shift=-1"))
+
+
 @pytest.mark.parametrize("override, words", [
     ("dataset.erase_prob=1.5", "dataset.erase_prob=1.5: must be in [0, 1]"),
     ("dataset.mix_prob=2", "dataset.mix_prob=2.0: must be in [0, 1]"),

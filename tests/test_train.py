@@ -42,10 +42,10 @@ def test_different_seed_different_run(fmnist_root, tmp_path):
     assert losses[0] != losses[1]
 
 
-def make_loader(n=50, batch=8, augment=False, seed=0, limit=0):
+def make_loader(n=50, batch=8, augment=False, seed=0, limit=0, pad=4):
     images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
     split = TensorSplit(images, torch.arange(n))
-    norm = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"))
+    norm = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"), pad=pad)
     return DeviceLoader(split, batch, norm, shuffle=True, augment=augment, seed=seed, limit=limit), split
 
 
@@ -94,6 +94,31 @@ def test_flip_crop_keeps_shape_dtype_and_labels():
         candidates = torch.cat([src, src.flip(2)], dim=2).permute(1, 2, 0).reshape(-1, 3)
         assert torch.isclose(candidates, centre).all(dim=1).any()
     assert changed > 0
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_flip_crop_moves_each_image_by_at_most_its_padding(pad):
+    loader, split = make_loader(augment=True, pad=pad)
+    shifts = set()
+    for x, y in loader.batches(1):
+        for image, label in zip(x, y):
+            src = split.images[label].float().div(255).sub(0.5).div(0.25)
+            padded = torch.nn.functional.pad(torch.stack([src, src.flip(2)]), (pad,) * 4, value=-2.0)
+            found = [(m, dy, dx) for m in range(2) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                     if torch.allclose(padded[m, :, dy:dy + 8, dx:dx + 8], image, atol=1e-5)]
+            assert found, "not a shift by <= pad pixels of the image or its mirror"
+            shifts.update(found)
+    assert {m for m, _, _ in shifts} == {0, 1}  # both mirrored and not
+    assert {(dy, dx) for _, dy, dx in shifts} == {(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}
+
+
+def test_augment_flip_and_crop_padding_reach_the_loader(fmnist_root):
+    from resnet_lab.data import build_data
+
+    for augment, padding, pad in [("flip", 3, 0), ("flip_crop", 2, 2), ("flip_crop", 4, 4)]:
+        cfg = tiny_cfg(fmnist_root, f"dataset.augment={augment}", f"dataset.crop_padding={padding}")
+        data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), 0)
+        assert data.train.augment and data.normalizer.pad == pad
 
 
 def test_limit_cuts_the_epoch():

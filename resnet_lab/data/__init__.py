@@ -90,7 +90,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, wor
         raise UserError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(train)} "
                         f"training images of dataset {cfg.name}")
     mean, std = channel_stats(stats_images)
-    normalizer = Normalizer(mean, std, device)
+    normalizer = Normalizer(mean, std, device, pad=0 if cfg.augment == "flip" else cfg.crop_padding)
     if isinstance(train, TensorSplit):
         make = DeviceLoader
     else:

@@ -50,9 +50,12 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> Tuple[torch.Tensor
 
 
 class Normalizer:
-    """uint8 batch -> float, normalised per channel, optionally flipped and cropped on the device."""
+    """uint8 batch -> float, normalised per channel, optionally flipped and cropped on the device:
+    padded by `pad` zero pixels each side and cropped back to its size at a random place (0: a
+    flip alone)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device, pad: int = PAD):
+        self.pad = pad
         self.shift = (mean * 255).view(1, -1, 1, 1).to(device)
         self.scale = (1 / (std * 255)).view(1, -1, 1, 1).to(device)
         self.memory_format = torch.contiguous_format
@@ -72,9 +75,12 @@ class Normalizer:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         flip = torch.rand(total, device=self.device, generator=gen)[part] < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-        padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-        dy = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
-        dx = torch.randint(0, 2 * PAD + 1, (total, 1), device=self.device, generator=gen)[part]
+        if not self.pad:
+            return images
+        pad = self.pad
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (total, 1), device=self.device, generator=gen)[part]
+        dx = torch.randint(0, 2 * pad + 1, (total, 1), device=self.device, generator=gen)[part]
         rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
         cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)

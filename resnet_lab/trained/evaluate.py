@@ -115,9 +115,11 @@ def wrong_grid_png(images: List[torch.Tensor], kept: Kept, classes: List[str]) -
 
 
 def measure(run: trained.Trained, wrong: int = 16):
-    """The run's model over its test loader: (metrics, Kept)."""
+    """The run's model over its test loader, with the run's test-time augmentation (as its
+    test_acc was measured; trainer.tta=false measures without): (metrics, Kept)."""
     kept = Kept(run.data.num_classes, run.runtime.device, wrong)
-    metrics = evaluate(run.model, run.data.test, run.runtime, keep=kept)
+    metrics = evaluate(run.model, run.data.test, run.runtime, keep=kept, tta=run.cfg.trainer.tta,
+                       tta_shift=run.cfg.trainer.tta_shift)
     return metrics, kept
 
 

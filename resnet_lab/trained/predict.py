@@ -4,7 +4,8 @@ image under folders.
 
 Each image is prepared as the run's data set prepared its images: grey or colour as the run's
 input channels, decoded and resized to the run's image size where it differs as image_folder
-decodes and resizes, normalised with the run's mean and std.
+decodes and resizes, normalised with the run's mean and std; with the run's test-time
+augmentation (trainer.tta, trainer.tta_shift; override them to predict without).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from resnet_lab import rundir
 from resnet_lab.data.images import IMAGE_SUFFIXES, decode
 from resnet_lab.errors import UserError
 from resnet_lab.trained import load as trained
+from resnet_lab.training.engine import predict
 
 OPTIONS = {"checkpoint": "last"}
 
@@ -48,7 +50,7 @@ def probabilities(run: trained.Trained, paths: List[Path]) -> torch.Tensor:
             images = torch.stack([decode(str(p), run.data.in_channels, what="predict", size=size) for p in paths[start:start + batch_size]])
             x = run.data.normalizer(images.to(run.runtime.device), None, slice(None), len(images))
             with run.runtime.autocast():
-                logits = run.model(x)
+                logits = predict(run.model, x, run.cfg.trainer.tta, run.cfg.trainer.tta_shift)
             out.append(logits.float().softmax(1).cpu())
     return torch.cat(out)
 

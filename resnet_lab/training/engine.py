@@ -154,9 +154,29 @@ def _update(step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer, sch
         callback.after_step(step, loss)
 
 
+def shifted(x: torch.Tensor, pixels: int) -> list:
+    """x moved `pixels` down and right, and as far up and left, the edge rows and columns
+    repeated into the gap (the CIFAR-10 speed records' test-time translation)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pixels,) * 4, mode="replicate")
+    return [padded[..., :h, :w], padded[..., 2 * pixels:, 2 * pixels:]]
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, tta: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """The logits of x; with `tta`, the mean of those of x and its mirror; with `tta_shift`, the
+    mean of that and the same of x shifted both ways by so many pixels (shifted)."""
+    views = lambda x: [x, x.flip(3)] if tta else [x]  # noqa: E731
+    logits = torch.stack([model(v) for v in views(x)]).mean(0)
+    if tta_shift:
+        moved = torch.stack([model(v) for s in shifted(x, tta_shift) for v in views(s)]).mean(0)
+        logits = (logits + moved) / 2
+    return logits
+
+
 def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime, split: str = "test", tta: bool = False,
-             keep: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> Dict[str, float]:
-    """`split`_loss and `split`_acc; with `tta`, of the mean logits of each image and its mirror;
+             keep: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
+             tta_shift: int = 0) -> Dict[str, float]:
+    """`split`_loss and `split`_acc of predict's logits (test-time augmentation: `tta`, `tta_shift`);
     `keep`, when given, sees each batch's inputs, logits and labels on the device (a confusion
     matrix counts them; `python -m resnet_lab.evaluate` keeps more)."""
     model.eval()
@@ -166,9 +186,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime, split: st
     with torch.no_grad() if runtime.compile else torch.inference_mode():
         for step, (x, y) in enumerate(loader.batches(0)):
             with runtime.autocast():
-                logits = model(x)
-                if tta:
-                    logits = (logits + model(x.flip(3))) / 2
+                logits = predict(model, x, tta, tta_shift)
             totals.add(step, F.cross_entropy(logits.float(), y), logits, y)
             if keep is not None:
                 keep(x, logits, y)

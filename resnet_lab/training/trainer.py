@@ -311,7 +311,7 @@ class Trainer(Callback):
         splits = {"val": self.data.val, "test": self.data.test}
         return {key: value for split, loader in splits.items() if loader is not None
                 for key, value in evaluate(model, loader, self.runtime, split, self.cfg.trainer.tta,
-                                           keep if split == "test" else None).items()}
+                                           keep if split == "test" else None, self.cfg.trainer.tta_shift).items()}
 
     def check_finite(self) -> None:
         bad = self.state.totals.bad_step()
