@@ -58,6 +58,9 @@ class DatasetConfig:
     # padded by crop_padding zero pixels each side (a translation by up to that many pixels).
     augment: str = "none"
     crop_padding: int = 4
+    # Progressive resizing: the training images' side in epochs 1, 2, ... (squares, resized on
+    # the device after augmentation); the epochs after the list train at the data's own size.
+    train_sizes: List[int] = field(default_factory=list)
     # The share of the training set held out, stratified by class and the same in every run,
     # to choose settings on instead of the test set (0: none).
     val_fraction: float = 0.0
@@ -472,6 +475,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise UserError(f"sched.milestones={list(cfg.sched.milestones)}: each must be a fraction in (0, 1)")
     _check_objective(cfg)
     _check_search(cfg)
+    if not all(s >= 1 for s in cfg.dataset.train_sizes):
+        raise UserError(f"dataset.train_sizes={list(cfg.dataset.train_sizes)}: each must be an image side >= 1 pixel")
     if cfg.dataset.randaugment_magnitude > 30:
         raise UserError(f"dataset.randaugment_magnitude={cfg.dataset.randaugment_magnitude}: must be in 0..30 "
                         f"(of torchvision's 31 magnitude bins)")

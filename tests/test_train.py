@@ -7,7 +7,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from resnet_lab.config import validate
+from resnet_lab.data import build_data
 from resnet_lab.data.loader import DeviceLoader, Normalizer, TensorSplit
+from resnet_lab.errors import UserError
 from resnet_lab.training.train import train
 from tests import runs
 from tests.runs import for_kind
@@ -113,12 +116,27 @@ def test_flip_crop_moves_each_image_by_at_most_its_padding(pad):
 
 
 def test_augment_flip_and_crop_padding_reach_the_loader(fmnist_root):
-    from resnet_lab.data import build_data
-
     for augment, padding, pad in [("flip", 3, 0), ("flip_crop", 2, 2), ("flip_crop", 4, 4)]:
         cfg = tiny_cfg(fmnist_root, f"dataset.augment={augment}", f"dataset.crop_padding={padding}")
         data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), 0)
         assert data.train.augment and data.normalizer.pad == pad
+
+
+def test_train_sizes_resize_the_training_batches_of_their_epochs_only(fmnist_root, tmp_path):
+    cfg = tiny_cfg(fmnist_root, "dataset.train_sizes=[12,20]")
+    data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), 0)
+    native = next(data.test.batches(0))[0].shape[-1]
+    assert [next(data.train.batches(epoch))[0].shape[-2:] for epoch in (1, 2, 3)] == \
+        [(12, 12), (20, 20), (native, native)]
+    x = next(data.train.batches(1))[0]
+    assert torch.isfinite(x).all() and x.std() > 0.5  # resized images, not a blank
+    # A run trains through the sizes and evaluates at the data's own size.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(tiny_cfg(fmnist_root, "trainer.epochs=2", "dataset.train_sizes=[12]"), run_dir)
+    assert [r["epoch"] for r in runs.metrics(run_dir)] == [1, 2]
+    with pytest.raises(UserError, match=r"dataset.train_sizes=\[12, 0\]: each must be an image side >= 1"):
+        validate(tiny_cfg(fmnist_root, "dataset.train_sizes=[12,0]"))
 
 
 def test_limit_cuts_the_epoch():

@@ -104,7 +104,7 @@ def build_data(cfg, trainer, device: torch.device, seed: int, rank: int = 0, wor
     return Data(
         train=make(train, trainer.batch_size, normalizer, shuffle=True, seed=seed,
                    augment=cfg.augment != "none", limit=trainer.limit_train_batches,
-                   recipe=build_recipe(cfg, len(classes)), **shard),
+                   recipe=build_recipe(cfg, len(classes)), sizes=cfg.train_sizes, **shard),
         test=evaluation(test),
         in_channels=stats_images.shape[1],
         classes=classes,

@@ -10,9 +10,10 @@ import atexit
 import signal
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from resnet_lab.errors import UserError
 from resnet_lab.preemption import SIGNALS
@@ -94,11 +95,12 @@ class Loader:
 
     def __init__(self, num_samples: int, batch_size: int, normalizer: Normalizer, *,
                  shuffle: bool, augment: bool = False, seed: int = 0, limit: int = 0,
-                 rank: int = 0, world_size: int = 1, recipe=None):
-        """augment: flip and crop; recipe: the rest of the augmentation (data.augment.Recipe)."""
+                 rank: int = 0, world_size: int = 1, recipe=None, sizes: Sequence[int] = ()):
+        """augment: flip and crop; recipe: the rest of the augmentation (data.augment.Recipe);
+        sizes: the image side for epochs 1, 2, ... (progressive resizing), the data's own after."""
         self.num_samples, self.batch_size, self.normalize = num_samples, batch_size, normalizer
         self.shuffle, self.augment, self.seed, self.limit = shuffle, augment, seed, limit
-        self.recipe = recipe
+        self.recipe, self.sizes = recipe, list(sizes)
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
@@ -138,6 +140,10 @@ class Loader:
             x = self.normalize(images, seed if self.augment else None, part, total)
             if self.recipe is not None:
                 x, labels = self.recipe.batch(x, labels, seed, part, total)
+            if 1 <= epoch <= len(self.sizes) and self.sizes[epoch - 1] != x.shape[-1]:
+                size = self.sizes[epoch - 1]
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                x = x.contiguous(memory_format=self.normalize.memory_format)
             yield x, labels
 
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
