@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for a few minutes: the CUDA tests, the
-# throughput benchmark, the seconds to 92% Fashion-MNIST test accuracy and image_folder against
-# the IDX path (its PNGs go to a temporary folder, not OUT). Each step has a time
-# limit, so one that hangs leaves time for the rest; logs and JSON results go into OUT.
+# throughput benchmark, the time-to-accuracy presets against the d2l.ai script, image_folder
+# against the IDX path (its PNGs go to a temporary folder, not OUT), and
+# experiment=fashion_mnist_resnet18's whole schedule (hours on 2 CPU cores; its run folder is
+# temporary, its metrics.jsonl and train.log go into OUT). Each step has a time limit, so one that
+# hangs leaves time for the rest; logs and JSON results go into OUT.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT     (DATA_ROOT holds FashionMNIST/raw/*-ubyte)
 set -u -o pipefail
@@ -38,3 +40,7 @@ step time_to_accuracy "$python" benchmarks/time_to_accuracy.py --root "$root" --
     --max-seconds $((limit > 80 ? limit - 40 : limit / 2)) --json "$out/time_to_accuracy.json"
 step image_folder "$python" benchmarks/image_folder.py --root "$root" --pngs "${TMPDIR:-/tmp}/fmnist_png" \
     --device cuda --json "$out/image_folder.json"
+run18=${TMPDIR:-/tmp}/fashion_mnist_resnet18
+step resnet18_schedule "$python" -m resnet_lab experiment=fashion_mnist_resnet18 dataset.root="$root" \
+    dataset.download=false device=cuda logger=none trainer.progress=false hydra.run.dir="$run18"
+cp "$run18/metrics.jsonl" "$run18/train.log" "$out/" 2>/dev/null

@@ -76,31 +76,39 @@ def time_to_accuracy(python, root, out, *args, **run):
         capture_output=True, text=True, timeout=300, **run)
 
 
-def test_time_to_accuracy_runs_both_in_alternating_order_and_compares_them(fmnist_root, tmp_path, python):
+def test_time_to_accuracy_runs_all_in_rotating_order_and_compares_them(fmnist_root, tmp_path, python):
     out = tmp_path / "tta.json"
-    proc = time_to_accuracy(python, fmnist_root, out, "--reps", "2")
+    presets = ["fashion_mnist_fast", "fashion_mnist_fast3x"]
+    proc = time_to_accuracy(python, fmnist_root, out, "--reps", "2", "--preset", *presets, "trainer.epochs=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["preset"] == "fashion_mnist_fast" and result["device_name"] in proc.stdout
+    assert result["presets"] == presets and "trainer.epochs=3" in result["overrides"]
+    assert result["device_name"] in proc.stdout
     first, second = result["repetitions"]
-    assert first["order"] == ["baseline", "preset"] and second["order"] == ["preset", "baseline"]
+    assert first["order"] == ["baseline", *presets] and second["order"] == [*presets, "baseline"]
     for rep in (first, second):
         assert [r["epoch"] for r in rep["baseline"]] == [1, 2]
-        assert [r["epoch"] for r in rep["preset"]] == [1, 2, 3, 4, 5]  # the preset's own epochs
-        for run in (rep["baseline"], rep["preset"]):
-            walls = [r["wall_s"] for r in run if r["wall_s"] is not None]
-            assert walls == sorted(walls) and walls[0] > 0 and all(0 <= r["test_acc"] <= 1 for r in run)
-        # What the preset had reached when the baseline ended: its last row evaluated by then.
         budget = rep["baseline_wall_s"]
         assert budget == rep["baseline"][-1]["wall_s"]
-        by_then = [r["test_acc"] for r in rep["preset"] if r["wall_s"] is not None and r["wall_s"] <= budget]
-        assert rep["acc_at_baseline_wall"] == (by_then[-1] if by_then else None)
-        for target, seconds in rep["seconds_to"].items():
-            reached = [r["wall_s"] for r in rep["preset"] if r["wall_s"] is not None and r["test_acc"] >= float(target)]
-            assert seconds == (reached[0] if reached else None)
+        for name in presets:
+            preset = rep["presets"][name]
+            assert [r["epoch"] for r in preset["epochs"]] == [1, 2, 3]  # the override reached each preset
+            for run in (rep["baseline"], preset["epochs"]):
+                walls = [r["wall_s"] for r in run if r["wall_s"] is not None]
+                assert walls == sorted(walls) and walls[0] > 0 and all(0 <= r["test_acc"] <= 1 for r in run)
+            # What the preset had reached at 1x and 3x the baseline's time: its last row evaluated by then.
+            for horizon in (1, 3):
+                by_then = [r["test_acc"] for r in preset["epochs"]
+                           if r["wall_s"] is not None and r["wall_s"] <= horizon * budget]
+                assert preset[f"acc_at_{horizon}x"] == (by_then[-1] if by_then else None)
+            assert list(preset["seconds_to"]) == ["0.9", "0.92", "0.93", "0.94", "0.95"]
+            for target, seconds in preset["seconds_to"].items():
+                reached = [r["wall_s"] for r in preset["epochs"]
+                           if r["wall_s"] is not None and r["test_acc"] >= float(target)]
+                assert seconds == (reached[0] if reached else None)
     assert result["medians"]["baseline_wall_s"] == pytest.approx(
         (first["baseline_wall_s"] + second["baseline_wall_s"]) / 2)
-    assert "medians: baseline" in proc.stdout
+    assert "medians: baseline" in proc.stdout and all(f"  {name}: at 1x" in proc.stdout for name in presets)
 
 
 def test_time_to_accuracy_names_the_signal_that_killed_the_run(fmnist_root, tmp_path, python):
@@ -112,10 +120,10 @@ def test_time_to_accuracy_names_the_signal_that_killed_the_run(fmnist_root, tmp_
         "if sys.orig_argv[1:3] == ['-m', 'resnet_lab']:\n"
         "    os.kill(os.getpid(), signal.SIGBUS)\n")
     proc = time_to_accuracy(python, fmnist_root, tmp_path / "tta.json", "--reps", "1", "--run-dir", str(tmp_path),
-                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+                            "--preset", "fashion_mnist_fast", env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == \
-        f"error: the run died of SIGBUS (signal 7); its log: {tmp_path}/preset1/train.log"
+        f"error: the run died of SIGBUS (signal 7); its log: {tmp_path}/fashion_mnist_fast1/train.log"
 
 
 def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path, python):
@@ -126,8 +134,10 @@ def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(fmnist_root), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert [line.split()[0] for line in (out / "status.txt").read_text().splitlines()] == \
-        ["tests", "throughput", "time_to_accuracy", "image_folder"], proc.stdout[-3000:]
+        ["tests", "throughput", "time_to_accuracy", "image_folder", "resnet18_schedule"], proc.stdout[-3000:]
     if not torch.cuda.is_available():
-        assert (out / "status.txt").read_text() == "tests 0\nthroughput 1\ntime_to_accuracy 1\nimage_folder 1\n"
+        assert (out / "status.txt").read_text() == \
+            "tests 0\nthroughput 1\ntime_to_accuracy 1\nimage_folder 1\nresnet18_schedule 2\n"
+        assert "no cuda device" in (out / "resnet18_schedule.log").read_text()
         assert "needs a CUDA GPU" in (out / "tests.log").read_text()
         assert "no CUDA device" in (out / "throughput.log").read_text()
