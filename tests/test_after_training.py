@@ -244,11 +244,13 @@ def test_checkpoint_ema_evaluates_the_average_the_run_measured(tmp_path, monkeyp
     plain = json.loads((folder / "eval" / "plain.json").read_text())
     assert plain["loss"] != pytest.approx(report["loss"], rel=1e-5)
     # predict gives each image the probabilities evaluate measured, test-time augmentation and all.
-    confidence = {r["file"]: float(r["confidence"]) for r in csv.DictReader((folder / "eval" / "image_folder-ema_predictions.csv").open())}
+    table = folder / "eval" / "image_folder-ema_predictions.csv"
+    confidence = {r["file"]: float(r["confidence"]) for r in csv.DictReader(table.open())}
     out = tmp_path / "predictions.csv"
     code, _, _ = command(predict, [folder, images / "test", "checkpoint=ema", "--out", out], monkeypatch, capsys)
     assert code == 0
-    assert {r["file"]: float(r["probability_1"]) for r in csv.DictReader(out.open())} == pytest.approx(confidence, abs=2e-6)
+    predicted = {r["file"]: float(r["probability_1"]) for r in csv.DictReader(out.open())}
+    assert predicted == pytest.approx(confidence, abs=2e-6)
 
 
 def test_weights_of_another_architecture(run_dir, tmp_path, monkeypatch, capsys):
