@@ -145,7 +145,8 @@ def test_two_runs_started_together_in_one_folder_one_trains_the_other_is_refused
     try:
         # Whichever takes the folder is held there until the other has given up.
         deadline = time.monotonic() + 300
-        while not lock.exists() or not lock.read_text():
+        # The holder writes its record into the locked file: wait until it is whole.
+        while not rundir._holder(lock):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
             time.sleep(0.003)
         holder = json.loads(lock.read_text())["pid"]
