@@ -165,11 +165,13 @@ def shifted(x: torch.Tensor, pixels: int) -> list:
 def predict(model: torch.nn.Module, x: torch.Tensor, tta: bool = False, tta_shift: int = 0) -> torch.Tensor:
     """The logits of x; with `tta`, the mean of those of x and its mirror; with `tta_shift`, the
     mean of that and the same of x shifted both ways by so many pixels (shifted)."""
-    views = lambda x: [x, x.flip(3)] if tta else [x]  # noqa: E731
-    logits = torch.stack([model(v) for v in views(x)]).mean(0)
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return (model(x) + model(x.flip(3))) / 2 if tta else model(x)
+
+    logits = mirrored(x)
     if tta_shift:
-        moved = torch.stack([model(v) for s in shifted(x, tta_shift) for v in views(s)]).mean(0)
-        logits = (logits + moved) / 2
+        down, up = shifted(x, tta_shift)
+        logits = (logits + (mirrored(down) + mirrored(up)) / 2) / 2
     return logits
 
 
