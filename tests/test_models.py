@@ -274,6 +274,51 @@ def test_knobs_reach_the_network():
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
 
 
+def smooth_images(n=64, channels=1, size=12):
+    """Images whose neighbouring pixels correlate, as a photograph's do: blurred noise."""
+    noise = torch.randn(n, channels, size + 2, size + 2, generator=torch.Generator().manual_seed(0))
+    return F.avg_pool2d(noise, 3, 1) * 3 + 0.5
+
+
+@pytest.mark.parametrize("channels, kernel", [(1, 2), (3, 2), (1, 3)])
+def test_whiten_stem_makes_the_patches_uncorrelated_at_unit_variance_and_stays_frozen(channels, kernel):
+    model = build_model(model_cfg("resnet18", stem="whiten", whiten_kernel=kernel, width=4, layers=[1, 1]),
+                        in_channels=channels, num_classes=3)
+    dims = channels * kernel * kernel
+    assert model.conv1.weight.shape == (2 * dims, channels, kernel, kernel) and model.bn1.num_features == 2 * dims
+    images = smooth_images(channels=channels)
+    raw = F.unfold(images, kernel).transpose(1, 2).reshape(-1, dims)
+    assert (raw.T @ raw / len(raw) - torch.eye(dims)).abs().max() > 0.5  # correlated before
+    model.whiten_from(images)
+    out = model.conv1(images)
+    assert out.shape[-1] == 12 + 2 - 2 - kernel + 1  # no padding
+    assert torch.equal(out[:, dims:], -out[:, :dims])
+    flat = out[:, :dims].permute(0, 2, 3, 1).reshape(-1, dims).double()
+    # Unit variance but for the eps added to each eigenvalue: the smallest ones fall a little short.
+    assert torch.allclose(flat.T @ flat / len(flat), torch.eye(dims, dtype=torch.double), atol=0.05)
+    before = model.conv1.weight.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(images).sum().backward()
+    optimizer.step()
+    assert not model.conv1.weight.requires_grad and torch.equal(model.conv1.weight, before)
+    assert not torch.equal(model.layer1[0].conv1.weight.grad, torch.zeros(1))  # the rest trains
+
+
+def test_bn_momentum_and_frozen_bn_weights_reach_every_batch_norm():
+    model = build_model(model_cfg("resnet18", width=4, layers=[1, 1], bn_momentum=0.4, bn_weight_frozen=True),
+                        in_channels=1, num_classes=3)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6 and {m.momentum for m in norms} == {0.4}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(smooth_images()).square().mean().backward()
+    optimizer.step()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.weight.requires_grad for m in norms)
+    assert all(m.bias.abs().sum() > 0 for m in norms)  # the biases still train
+    default = build_model(model_cfg("resnet18", width=4), in_channels=1, num_classes=3)
+    assert all(m.momentum == 0.1 and m.weight.requires_grad for m in default.modules()
+               if isinstance(m, nn.BatchNorm2d))
+
+
 def test_narrow_resnext_keeps_one_channel_per_group():
     # torchvision's rule gives 8 planes * 4 / 64 = 0.5 channels per group at the smoke width.
     narrow = on_meta("resnext50_32x4d", width=8).layer1[0].conv2
@@ -296,6 +341,10 @@ def test_narrow_resnext_keeps_one_channel_per_group():
     ("resnet18", {"layers": []}, ["model.layers=[]", "at least one stage"]),
     ("resnet18", {"layers": [2, 0]}, ["model.layers=[2, 0]", ">= 1 blocks"]),
     ("resnet18", {"groups": 32}, ["model.groups=32", "bottleneck"]),
+    ("resnet18", {"stem": "whiten", "whiten_kernel": 0}, ["model.whiten_kernel=0", ">= 1"]),
+    ("resnet18", {"bn_momentum": 1.5}, ["model.bn_momentum=1.5", "[0, 1]"]),
+    ("resnet18", {"bn_weight_frozen": True, "zero_init_residual": True},
+     ["model.bn_weight_frozen=true", "model.zero_init_residual=true", "stay at zero"]),
 ])
 def test_bad_knob_is_one_clear_line(name, knobs, words):
     with pytest.raises(UserError) as error:

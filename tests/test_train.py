@@ -139,6 +139,25 @@ def test_train_sizes_resize_the_training_batches_of_their_epochs_only(fmnist_roo
         validate(tiny_cfg(fmnist_root, "dataset.train_sizes=[12,0]"))
 
 
+def test_whiten_stem_is_set_from_the_normalised_training_images_and_kept_by_the_run(fmnist_root, tmp_path):
+    from resnet_lab.models import build_model
+    from resnet_lab.training.trainer import WHITEN_IMAGES
+
+    cfg = tiny_cfg(fmnist_root, "model.stem=whiten")
+    data = build_data(cfg.dataset, cfg.trainer, torch.device("cpu"), 0)
+    sample = data.train.sample(WHITEN_IMAGES)
+    assert len(sample) == min(WHITEN_IMAGES, data.train.num_samples)
+    assert torch.equal(sample[:3], next(data.train.batches(0))[0][:3])  # epoch 0's first, normalised
+    expected = build_model(cfg.model, data.in_channels, data.num_classes)
+    expected.whiten_from(sample)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(tiny_cfg(fmnist_root, "model.stem=whiten", "trainer.epochs=2"), run_dir)
+    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    assert torch.allclose(weights["conv1.weight"], expected.conv1.weight)  # as set, frozen through training
+    assert [r["epoch"] for r in runs.metrics(run_dir)] == [1, 2]
+
+
 def test_limit_cuts_the_epoch():
     loader, _ = make_loader(limit=2)
     assert len(loader) == 2 and len(list(loader.batches(1))) == 2

@@ -146,6 +146,17 @@ class Loader:
                 x = x.contiguous(memory_format=self.normalize.memory_format)
             yield x, labels
 
+    def sample(self, n: int) -> torch.Tensor:
+        """This rank's first n images of epoch 0's order (fewer in a smaller split), normalised,
+        not augmented."""
+        parts, seen = [], 0
+        for i, (images, _) in enumerate(self.raw_batches(0, 0)):
+            parts.append(self.normalize(images, None, self.part(i), self.global_size(i)))
+            seen += len(images)
+            if seen >= n:
+                break
+        return torch.cat(parts)[:n]
+
     def raw_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ from torch import nn
 from resnet_lab.errors import UserError, closest
 from resnet_lab.models.registry import MODELS
 
-STEMS = ("imagenet", "cifar", "deep")
+STEMS = ("imagenet", "cifar", "deep", "whiten")
 SHORTCUTS = ("A", "B", "C", "D")
 INITS = ("kaiming", "pytorch")
 ATTENTIONS = ("none", "se", "eca")
@@ -36,8 +36,11 @@ class Architecture:
     width: int = 64  # the stem's channels; stage i has width * widen * 2**i planes
     widen: int = 1
     # imagenet: a 7x7/2 conv and a 3x3/2 max-pool; cifar: one 3x3/1 conv; deep: three 3x3 convs
-    # (width / 2, width / 2, width channels, the first /2) and the max-pool (He et al. 2019's ResNet-C)
+    # (width / 2, width / 2, width channels, the first /2) and the max-pool (He et al. 2019's ResNet-C);
+    # whiten: a frozen whiten_kernel x whiten_kernel conv, no padding, set from the training images'
+    # patches (whiten_from) to whiten them, each filter also negated (the CIFAR-10 speed records' first layer)
     stem: str = "imagenet"
+    whiten_kernel: int = 2
     # He et al. 2015's options A, B, C; D: B's projection with its stride moved to a 2x2 average
     # pool before it (He et al. 2019's ResNet-D)
     shortcut: str = "B"
@@ -57,6 +60,8 @@ class Architecture:
     bias: bool = False  # conv biases (the d2l network)
     projection_norm: bool = True  # BN after a post-activation block's 1x1 projection
     weight_init: str = "kaiming"  # torchvision's He-normal fan-out convs; pytorch: each layer's own default
+    bn_momentum: float = 0.1  # every batch norm's: running = (1 - m) * running + m * the batch's
+    bn_weight_frozen: bool = False  # every batch norm's scale stays at its initial 1; its bias trains
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -328,7 +333,8 @@ class ResNet(nn.Module):
     Stage i holds layers[i] blocks of width * widen * 2**i planes (times the block's expansion at
     its output); every stage but the first halves the resolution in its first block. The stem is
     conv-BN-ReLU, 7x7/2 plus a 3x3/2 max-pool ("imagenet"), 3x3/1 ("cifar"), or three 3x3 convs,
-    the first /2, plus the max-pool ("deep"). Pre-activation
+    the first /2, plus the max-pool ("deep"), or a frozen whitening conv ("whiten", set by
+    whiten_from; its 2 * in_channels * k * k channels feed the first stage). Pre-activation
     networks take their first block's BN-ReLU from the stem and end in BN-ReLU before the pool,
     as fb.resnet.torch's preresnet does.
 
@@ -353,18 +359,22 @@ class ResNet(nn.Module):
                 conv3x3(in_channels, half, 2, bias=arch.bias), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
                 conv3x3(half, half, bias=arch.bias), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
                 conv3x3(half, width, bias=arch.bias))
+        elif arch.stem == "whiten":
+            k = arch.whiten_kernel
+            self.conv1 = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, bias=False).requires_grad_(False)
         else:
             self.conv1 = conv3x3(in_channels, width, bias=arch.bias)
-        if arch.stem == "cifar":
+        stem_out = self.conv1.out_channels if arch.stem == "whiten" else width
+        if arch.stem in ("cifar", "whiten"):
             self.maxpool = nn.Identity()
         elif arch.blur:
             self.maxpool = nn.Sequential(nn.MaxPool2d(3, 1, padding=1), BlurPool(width))
         else:
             self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = nn.BatchNorm2d(stem_out)
         self.relu = nn.ReLU(inplace=True)
 
-        cin = width
+        cin = stem_out
         self.stages = [f"layer{i + 1}" for i in range(len(arch.layers))]
         depths = iter(range(1, sum(arch.layers) + 1))
         for i, (name, depth) in enumerate(zip(self.stages, arch.layers)):
@@ -395,6 +405,24 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, tuple(BLOCKS.values())):
                     m.zero_init_last()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = arch.bn_momentum
+                m.weight.requires_grad_(not arch.bn_weight_frozen)
+
+    @torch.no_grad()
+    def whiten_from(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """stem=whiten: conv1's filters become the eigenvectors of the covariance of `images`'
+        patches (normalised training images), each divided by the square root of its eigenvalue
+        (+ eps), and their negations: the conv's outputs are the patches' uncorrelated components
+        at unit variance, both signs, which the ReLU after it keeps."""
+        k = self.conv1.kernel_size[0]
+        patches = F.unfold(images.float(), k).transpose(1, 2).reshape(-1, self.conv1.in_channels * k * k)
+        covariance = (patches.T.double() @ patches.double()) / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).flip(0)  # the largest first
+        filters = filters.reshape(-1, *self.conv1.weight.shape[1:]).to(self.conv1.weight)
+        self.conv1.weight.copy_(torch.cat([filters, -filters]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -426,6 +454,13 @@ def check(arch: Architecture) -> None:
         if getattr(arch, key) != off and arch.block not in POST_ACTIVATION:
             raise UserError(f"model.{key}={getattr(arch, key)}: needs a post-activation block "
                             f"(model.block={' or '.join(POST_ACTIVATION)}), not {arch.block}")
+    if arch.whiten_kernel < 1:
+        raise UserError(f"model.whiten_kernel={arch.whiten_kernel}: must be >= 1")
+    if arch.bn_weight_frozen and arch.zero_init_residual:
+        raise UserError("model.bn_weight_frozen=true with model.zero_init_residual=true: the residual branches' "
+                        "last batch norms would stay at zero; set one of them to false")
+    if not 0 <= arch.bn_momentum <= 1:
+        raise UserError(f"model.bn_momentum={arch.bn_momentum}: must be in [0, 1]")
     if arch.stem == "deep" and arch.width < 2:
         raise UserError(f"model.width={arch.width}: the deep stem needs >= 2 (its first convs have width / 2)")
 

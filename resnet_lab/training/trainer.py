@@ -39,6 +39,7 @@ from resnet_lab.training.resume import Plan, applied
 from resnet_lab.training.tracking import EpochProgress, MetricsFile, Tracker
 
 log = logging.getLogger("resnet_lab")
+WHITEN_IMAGES = 5000  # the training images model.stem=whiten is set from: their 2x2 patches number millions
 
 
 @dataclass
@@ -105,6 +106,9 @@ def build(cfg: DictConfig, runtime: device_setup.Runtime, ranks: distributed.Ran
     model = build_model(cfg.model, data.in_channels, data.num_classes)
     if fresh and cfg.model.init:
         weights.init(model, Path(cfg.model.init))
+    elif fresh and cfg.model.get("stem") == "whiten":
+        # Each rank from its own images; DDP then starts every rank from rank 0's weights.
+        model.whiten_from(data.train.sample(WHITEN_IMAGES))
     # The network decides whether channels_last is safe, so the batches' layout follows it.
     model = runtime.prepare(model)
     data.normalizer.memory_format = runtime.memory_format
