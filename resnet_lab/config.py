@@ -129,6 +129,9 @@ class OptimConfig:
     # The learning rate of everything but the head (fc) is lr times this: < 1 fine-tunes
     # pretrained layers more gently than the new head.
     backbone_lr_scale: float = 1.0
+    # The learning rate of every bias, batch norms' too, is its group's times this (the CIFAR-10
+    # speed records train their batch-norm biases at a far larger rate than the weights).
+    bias_lr_scale: float = 1.0
     # Batch-norm weights and every bias in a group without weight decay.
     no_decay_norm_bias: bool = False
     # Scale the gradients down to this global L2 norm before each update (0: no clipping).
@@ -295,6 +298,7 @@ BOUNDS = {
     "optim.weight_decay": (0, True),
     "optim.momentum": (0, True),
     "optim.backbone_lr_scale": (0, True),
+    "optim.bias_lr_scale": (0, True),
     "sched.warmup_epochs": (0, True),
     "sched.min_lr": (0, True),
     "sched.gamma": (0, False),  # above 1 is allowed (a warm restart by hand); 0 or below is not a rate

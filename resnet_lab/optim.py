@@ -41,25 +41,29 @@ def no_decay_names(model: nn.Module) -> List[str]:
 
 def param_groups(model: nn.Module, cfg) -> List[Dict]:
     """One group; with cfg.backbone_lr_scale != 1 the backbone (all but the head: fc, or a timm
-    model's classifier) apart, at lr times that scale; with cfg.no_decay_norm_bias the norm
-    weights and biases apart, without weight decay. Backbone groups first, then decayed before
-    exempt: schedules scale each group's own rate, and a checkpoint's groups come back in the
-    same order."""
+    model's classifier) apart, at lr times that scale; with cfg.bias_lr_scale != 1 the biases
+    (normalisation layers' too) apart, at their rate times that; with cfg.no_decay_norm_bias the
+    norm weights and biases apart, without weight decay. Backbone groups first, biases before
+    weights, decayed before exempt: schedules scale each group's own rate, the last group's is
+    the one logged as `lr`, and a checkpoint's groups come back in the same order."""
     exempt = set(no_decay_names(model)) if cfg.no_decay_norm_bias else set()
-    scaled = cfg.backbone_lr_scale != 1
+    scaled, biased = cfg.backbone_lr_scale != 1, cfg.bias_lr_scale != 1
     head = head_prefix(model)
     split: Dict[tuple, list] = {}
     for name, p in model.named_parameters():
-        split.setdefault((scaled and not name.startswith(head), name in exempt), []).append(p)
+        bias = biased and name.rsplit(".", 1)[-1] == "bias"
+        split.setdefault((scaled and not name.startswith(head), bias, name in exempt), []).append(p)
     groups = []
-    for backbone, no_decay in sorted(split, key=lambda key: (not key[0], key[1])):
-        params = split[backbone, no_decay]
-        groups.append({"params": params, **({"lr": cfg.lr * cfg.backbone_lr_scale} if backbone else {}),
+    for backbone, bias, no_decay in sorted(split, key=lambda key: (not key[0], not key[1], key[2])):
+        params = split[backbone, bias, no_decay]
+        lr = cfg.lr * (cfg.backbone_lr_scale if backbone else 1) * (cfg.bias_lr_scale if bias else 1)
+        groups.append({"params": params, **({"lr": lr} if lr != cfg.lr else {}),
                        **({"weight_decay": 0.0} if no_decay else {})})
         if len(split) > 1:
+            part = "backbone" if backbone else "head" if scaled else "all"
             log.info(f"optimizer group: {len(params)} tensors ({sum(p.numel() for p in params):,} parameters), "
-                     f"{'backbone' if backbone else 'head' if scaled else 'all'} at lr "
-                     f"{groups[-1].get('lr', cfg.lr)}, weight decay {0.0 if no_decay else cfg.weight_decay}")
+                     f"{part}{' biases' if bias else ''} at lr {lr}, "
+                     f"weight decay {0.0 if no_decay else cfg.weight_decay}")
     return groups
 
 

@@ -202,6 +202,29 @@ def test_backbone_lr_scale_trains_the_backbone_slower_than_the_head():
     assert len(backbone["params"]) + 2 == len(list(model.parameters()))
 
 
+def test_bias_lr_scale_trains_every_bias_faster_and_schedules_it_alike():
+    from resnet_lab.config import SchedConfig
+    from resnet_lab.optim import build_scheduler
+
+    model = MODELS.get("resnet20")(num_classes=10)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, bias_lr_scale=8))
+    biases, weights = optimizer.param_groups
+    assert (biases["lr"], weights["lr"]) == pytest.approx((0.8, 0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in biases["params"]} == {"bias"}
+    assert "bn1.bias" in {names[id(p)] for p in biases["params"]} and "fc.bias" in {names[id(p)] for p in biases["params"]}
+    assert len(biases["params"]) + len(weights["params"]) == len(list(model.parameters()))
+    scheduler = build_scheduler(optimizer, SchedConfig(name="onecycle"), steps_per_epoch=10, epochs=1)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert biases["lr"] == pytest.approx(8 * weights["lr"])
+    # With a backbone rate too: the backbone's biases at both scales, the head's weights last.
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, bias_lr_scale=8, backbone_lr_scale=0.5))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.4, 0.05, 0.8, 0.1])
+    assert optimizer.param_groups[-1]["params"] == [model.fc.weight]
+
+
 # Bad input: one line naming the file and the fix, exit 2, nothing written.
 
 def test_a_run_folder_without_weights(run_dir, tmp_path, monkeypatch, capsys):
@@ -400,3 +423,6 @@ def test_a_run_resumes_only_with_the_parameter_groups_it_saved(tmp_path):
     with pytest.raises(UserError, match=r"optim.backbone_lr_scale=0.1: checkpoint .* was saved with "
                                         r"optim.backbone_lr_scale=1.0"):
         resume.plan(tmp_path, composed("optim.backbone_lr_scale=0.1"))
+    with pytest.raises(UserError, match=r"optim.bias_lr_scale=4.0: checkpoint .* was saved with "
+                                        r"optim.bias_lr_scale=1.0"):
+        resume.plan(tmp_path, composed("optim.bias_lr_scale=4"))

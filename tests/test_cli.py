@@ -30,7 +30,7 @@ def test_default_recipe_end_to_end(fmnist_root, tmp_path):
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["model"]["name"] == "resnet18" and config["dataset"]["name"] == "fashion_mnist"
     assert config["optim"] == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
-                               "nesterov": False, "betas": [0.9, 0.999], "backbone_lr_scale": 1.0,
+                               "nesterov": False, "betas": [0.9, 0.999], "backbone_lr_scale": 1.0, "bias_lr_scale": 1.0,
                                "no_decay_norm_bias": False, "clip_grad_norm": 0.0}
     assert (run_dir / "model.pt").exists()
     line = next(line for line in proc.stdout.splitlines() if line.startswith("epoch 1/1"))

@@ -39,7 +39,9 @@ SCHEDULE_LENGTH = {"trainer.epochs": None, "trainer.batch_size": None, "trainer.
 # The optimizer settings a resumed run takes from its own config over the checkpoint's state
 # (its schedule rescaled to the new learning rate: docs/runs.md).
 APPLIED = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.nesterov",
-           "optim.backbone_lr_scale")
+           "optim.backbone_lr_scale", "optim.bias_lr_scale")
+# The rate scales that, at 1 and at any other value, make different parameter groups.
+GROUP_SCALES = ("backbone_lr_scale", "bias_lr_scale")
 # Any other setting may differ on resume: the run goes on with the new value, and says so.
 
 
@@ -163,13 +165,14 @@ def _check_carries_over(saved_cfg: Dict, cfg: DictConfig, path: Path) -> None:
             raise UserError(f"checkpoint {path} was saved with {shown}={then}, this run has "
                             f"{shown}={now}; its state cannot carry over: resume with {shown}={then}, "
                             f"or start afresh with trainer.resume=none")
-    # One parameter group, or the backbone's and the head's: the saved state has as many.
-    then_groups = saved_cfg["optim"].get("backbone_lr_scale", 1.0) != 1
-    if then_groups != (cfg.optim.backbone_lr_scale != 1):
-        raise UserError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale}: checkpoint {path} was saved "
-                        f"with optim.backbone_lr_scale={saved_cfg['optim'].get('backbone_lr_scale', 1.0)}, "
-                        f"and 1 and other values keep different optimizer states; resume with it, or start "
-                        f"afresh with trainer.resume=none")
+    # One parameter group, or the backbone's and the head's, the biases' and the weights': the
+    # saved state has as many.
+    for key in GROUP_SCALES:
+        then, now = saved_cfg["optim"].get(key, 1.0), cfg.optim[key]
+        if (then != 1) != (now != 1):
+            raise UserError(f"optim.{key}={now}: checkpoint {path} was saved with optim.{key}={then}, and 1 "
+                            f"and other values keep different optimizer states; resume with it, or start "
+                            f"afresh with trainer.resume=none")
     sched = cfg.sched.name
     stretched = [f"{k}={OmegaConf.select(cfg, k)} (checkpoint: {_saved(saved_cfg, k, default)})"
                  for k, default in SCHEDULE_LENGTH.items() if OmegaConf.select(cfg, k) != _saved(saved_cfg, k, default)]
