@@ -118,6 +118,24 @@ def two_at_once(tmp_path, fmnist_root, *args):
         assert (tmp_path / "sweep" / str(number) / "status").read_text() == "finished\n"
 
 
+def test_a_trial_is_told_before_its_claim_is_released(tmp_path, fmnist_root, monkeypatch):
+    # Released first, another process sharing the study could fail the finished trial as dead.
+    from resnet_lab.sweeps.search import OptunaSearch
+
+    held_when_told = []
+    tell = OptunaSearch._tell
+
+    def recording(self, study, trial, ret):
+        held_when_told.append(trial.number in self.claims.held)
+        tell(self, study, trial, ret)
+
+    monkeypatch.setattr(OptunaSearch, "_tell", recording)
+    code, sweep, out = multirun(tmp_path, fmnist_root, *SEARCH, "hydra.sweeper.n_trials=2")
+    assert code == 0, out
+    assert held_when_told == [True, True]
+    assert states(study(sweep).trials) == ["COMPLETE", "COMPLETE"]
+
+
 def test_two_search_processes_share_the_default_study(tmp_path, fmnist_root):
     two_at_once(tmp_path, fmnist_root)
     assert states(study(tmp_path / "sweep").trials) == ["COMPLETE"] * 2

@@ -256,20 +256,24 @@ class OptunaSearch:
     def _launch(self, study, batch) -> None:
         overrides = [self._overrides(trial) for trial in batch]
         try:
-            returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
-        except BaseException:
-            # Stopped by a signal (last.pt written), or the launcher failed: the next run of the
-            # command resumes these.
-            for trial in batch:
-                self._retry(study, trial, "its run was interrupted")
-            raise
+            try:
+                returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
+            except BaseException:
+                # Stopped by a signal (last.pt written), or the launcher failed: the next run of the
+                # command resumes these.
+                for trial in batch:
+                    self._retry(study, trial, "its run was interrupted")
+                raise
+            finally:
+                # A job's logging stays configured after it: the search's lines go back to Hydra's.
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            # Told while still held: another search process takes a running trial whose claim is
+            # free for dead, and would fail it and queue it again.
+            for trial, ret in zip(batch, returns):
+                self._tell(study, trial, ret)
         finally:
             for trial in batch:
                 self.claims.release(trial.number)
-            # A job's logging stays configured after it: the search's lines go back to Hydra's.
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        for trial, ret in zip(batch, returns):
-            self._tell(study, trial, ret)
 
     def _tell(self, study, trial, ret: JobReturn) -> None:
         from optuna.trial import TrialState
