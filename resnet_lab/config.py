@@ -465,7 +465,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise UserError(f"sched.warmup_start_factor={cfg.sched.warmup_start_factor}: must be in (0, 1] "
                         f"(the warmup's first rate, as a fraction of optim.lr)")
     if cfg.sched.pct_start == 0:
-        raise UserError(f"sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
+        raise UserError("sched.pct_start=0.0: must be in (0, 1) (the share of training spent rising)")
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise UserError(f"optim.betas={betas}: must be two numbers in [0, 1) (the decay rates of Adam's "
