@@ -33,6 +33,7 @@ class Runtime:
     compile: bool
     compile_mode: str
     channels_last_asked: bool = False  # set by the user, not by the defaults
+    layout_hazard: bool = False  # prepare() found a convolution channels_last would crash
 
     def autocast(self):
         if self.precision == "fp32":
@@ -47,14 +48,23 @@ class Runtime:
         """The model compiled when asked, else itself. Static shapes: with automatic dynamic
         shapes, the short last batch of an epoch would switch every later full batch to a slower
         dynamic-shape graph; a graph per batch shape (train, last, eval) stays well in the cache."""
-        return torch.compile(model, mode=self.compile_mode, dynamic=False) if self.compile else model
+        if not self.compile:
+            return model
+        if not self.layout_hazard:
+            return torch.compile(model, mode=self.compile_mode, dynamic=False)
+        # Inductor turns convolutions channels_last by itself: the crash prepare() steered clear of.
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(self.compile_mode), "layout_optimization": False}
+        return torch.compile(model, options=options, dynamic=False)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on the device, in channels_last where that is chosen and safe: a default
         channels_last is dropped on a network with a convolution that crashes oneDNN, an
         asked-for one is a UserError naming it."""
-        hazard = channels_last_hazard(model) if self.device.type == "cpu" and self.channels_last else None
-        if hazard and self.channels_last_asked:
+        hazard = channels_last_hazard(model) if self.device.type == "cpu" else None
+        self.layout_hazard = hazard is not None
+        if hazard and self.channels_last and self.channels_last_asked:
             raise UserError(f"device.channels_last=true: {hazard}; leave device.channels_last unset (null) or "
                             "set it to false")
         self.channels_last = self.channels_last and not hazard
