@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for a few minutes: the CUDA tests, the
 # throughput benchmark, the time-to-accuracy presets against the d2l.ai script, image_folder
-# against the IDX path (its PNGs go to a temporary folder, not OUT), and
-# experiment=fashion_mnist_resnet18's whole schedule (hours on 2 CPU cores; its run folder is
-# temporary, its metrics.jsonl and train.log go into OUT). Each step has a time limit, so one that
-# hangs leaves time for the rest; logs and JSON results go into OUT.
+# against the IDX path (its PNGs go to a temporary folder, not OUT), one epoch of
+# experiment=cifar10_resnet56 for its images/s (on CIFAR-10-sized random images: there is no
+# CIFAR-10 on a machine that reaches nothing, and the pixels do not change the speed), and
+# experiment=fashion_mnist_resnet18's whole schedule (hours on 2 CPU cores). The two runs' folders
+# are temporary; their metrics.jsonl (and the ResNet-18's train.log) go into OUT. Each step has a
+# time limit, so one that hangs leaves time for the rest: the whole takes at most 6 limits
+# (GPU_CHECK_LIMIT_S=90 for a machine lent 10 minutes a call); logs and JSON results go into OUT.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT     (DATA_ROOT holds FashionMNIST/raw/*-ubyte)
 set -u -o pipefail
@@ -40,6 +43,12 @@ step time_to_accuracy "$python" benchmarks/time_to_accuracy.py --root "$root" --
     --max-seconds $((limit > 80 ? limit - 40 : limit / 2)) --json "$out/time_to_accuracy.json"
 step image_folder "$python" benchmarks/image_folder.py --root "$root" --pngs "${TMPDIR:-/tmp}/fmnist_png" \
     --device cuda --json "$out/image_folder.json"
+run56=${TMPDIR:-/tmp}/cifar10_resnet56_epoch
+rm -rf "$run56"  # a finished run in it would be resumed as done, and time nothing
+step cifar10_resnet56_epoch "$python" -m resnet_lab experiment=cifar10_resnet56 dataset=synthetic \
+    dataset.train_size=50000 dataset.test_size=10000 dataset.augment=flip_crop trainer.epochs=1 \
+    device=cuda logger=none trainer.progress=false hydra.run.dir="$run56"
+cp "$run56/metrics.jsonl" "$out/cifar10_resnet56_epoch.jsonl" 2>/dev/null
 run18=${TMPDIR:-/tmp}/fashion_mnist_resnet18
 step resnet18_schedule "$python" -m resnet_lab experiment=fashion_mnist_resnet18 dataset.root="$root" \
     dataset.download=false device=cuda logger=none trainer.progress=false hydra.run.dir="$run18"

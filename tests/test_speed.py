@@ -134,10 +134,13 @@ def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(fmnist_root), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert [line.split()[0] for line in (out / "status.txt").read_text().splitlines()] == \
-        ["tests", "throughput", "time_to_accuracy", "image_folder", "resnet18_schedule"], proc.stdout[-3000:]
+        ["tests", "throughput", "time_to_accuracy", "image_folder", "cifar10_resnet56_epoch",
+         "resnet18_schedule"], proc.stdout[-3000:]
     if not torch.cuda.is_available():
         assert (out / "status.txt").read_text() == \
-            "tests 0\nthroughput 1\ntime_to_accuracy 1\nimage_folder 1\nresnet18_schedule 2\n"
-        assert "no cuda device" in (out / "resnet18_schedule.log").read_text()
+            "tests 0\nthroughput 1\ntime_to_accuracy 1\nimage_folder 1\ncifar10_resnet56_epoch 2\nresnet18_schedule 2\n"
+        # The config is checked before the device, so this also says the runs' overrides compose.
+        for name in ("cifar10_resnet56_epoch", "resnet18_schedule"):
+            assert "no cuda device" in (out / f"{name}.log").read_text()
         assert "needs a CUDA GPU" in (out / "tests.log").read_text()
         assert "no CUDA device" in (out / "throughput.log").read_text()
