@@ -164,3 +164,20 @@ def test_cuda_turns_on_cudnn_benchmark():
     torch.backends.cudnn.benchmark = False
     runtime(type="cuda")
     assert torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("width, hazard", [(4, True), (16, False)])
+def test_compile_keeps_inductor_off_channels_last_where_onednn_crashes(monkeypatch, width, hazard):
+    # Inductor turns convolutions channels_last by itself (layout_optimization), whatever
+    # device.channels_last says: on a network with a crashing convolution that must be off.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    asked = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: asked.update(kwargs) or model)
+    rt = runtime(channels_last=None, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    rt.compiled(rt.prepare(small_resnet(width)))
+    assert rt.layout_hazard == hazard and asked["dynamic"] is False
+    if hazard:
+        assert "mode" not in asked and asked["options"]["layout_optimization"] is False
+        assert asked["options"]["max_autotune"] is True  # the mode's own options kept
+    else:
+        assert asked["mode"] == "max-autotune-no-cudagraphs" and "options" not in asked
