@@ -189,6 +189,7 @@ def lab_pipeline(device, overrides):
             start, steps = start + chunk, steps - chunk
         return images
 
+    run.settings = device_setup.resolved(runtime)  # as the machine settled what the config left open
     return run
 
 
@@ -205,7 +206,7 @@ def child(args) -> None:
 
 def serve(build, device) -> None:
     """In a child: build() the pipeline, then answer the parent's commands, one JSON line each;
-    the first says how long build() took."""
+    the first says how long build() took (and, for resnet_lab's, the device settings it runs at)."""
     import torch
 
     replies = os.fdopen(os.dup(1), "w", buffering=1)
@@ -217,7 +218,8 @@ def serve(build, device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    replies.write(json.dumps({"ready": True, "build_s": time.perf_counter() - began}) + "\n")
+    replies.write(json.dumps({"ready": True, "build_s": time.perf_counter() - began,
+                              "settings": getattr(run, "settings", None)}) + "\n")
     for line in sys.stdin:
         command = json.loads(line)
         if "run" in command:

@@ -144,3 +144,25 @@ def test_gpu_check_runs_every_step_and_records_each_status(fmnist_root, tmp_path
             assert "no cuda device" in (out / f"{name}.log").read_text()
         assert "needs a CUDA GPU" in (out / "tests.log").read_text()
         assert "no CUDA device" in (out / "throughput.log").read_text()
+
+
+def test_device_settings_are_timed_side_by_side_each_as_asked(fmnist_root, tmp_path, python):
+    out = tmp_path / "settings.json"
+    proc = subprocess.run(
+        [python, str(ROOT / "benchmarks" / "device_settings.py"), "--root", str(fmnist_root), "--device", "cpu",
+         "--precision", "fp32", "bf16", "--compile", "false", "--steps", "4", "--rounds", "2", "--warmup", "1",
+         "--json", str(out), "experiment=fashion_mnist_fast", "model.width=4", "trainer.batch_size=32"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["overrides"][0] == "experiment=fashion_mnist_fast" and result["steps"] == 4
+    assert list(result["results"]) == ["fp32_eager", "bf16_eager"]
+    for name, r in result["results"].items():
+        assert (r["precision"], r["compile"]) == (name.split("_")[0], False)
+        assert len(r["images_per_s_rounds"]) == 2 and r["images_per_s"] > 0
+    # Width 4 has a strided 1x1 convolution that crashes oneDNN in channels_last: dropped.
+    assert {r["memory_format"] for r in result["results"].values()} == {"contiguous"}
+    fp32, bf16 = (result["results"][n] for n in ("fp32_eager", "bf16_eager"))
+    assert fp32["ratio_to_fp32_eager"] == 1 and math.isclose(bf16["ratio_to_fp32_eager"],
+                                                             bf16["images_per_s"] / fp32["images_per_s"])
+    assert "bf16_eager" in proc.stdout and "load average" in proc.stdout
