@@ -27,6 +27,7 @@ from resnet_lab.training.checkpoint import Checkpointer
 from resnet_lab.training.engine import RunningTotals
 from resnet_lab.training.tracking import Tracker
 from resnet_lab.training.train import train
+from resnet_lab.trained import evaluate as evaluate_command
 from tests import runs
 from tests.runs import contents, epochs, for_kind, freeze_at, fresh_env, start, stop_at
 from tests.test_cli import run_cli
@@ -682,7 +683,22 @@ def test_a_damaged_last_pt_resumes_from_the_checkpoint_kept_before_it(fmnist_roo
         train(tiny_cfg(*args), both)
     assert str(refused.value).startswith(f"checkpoint {both / rundir.CHECKPOINTS / rundir.LAST} is damaged (record ")
     assert "\n" not in str(refused.value)
+    # Evaluated, it says the same in words for evaluation: no advice to resume.
+    with pytest.raises(UserError) as refused:
+        evaluate_command.main([str(both)])
+    assert str(refused.value).startswith(f"checkpoint {both / rundir.CHECKPOINTS / rundir.LAST} is damaged (record ")
+    assert str(refused.value).endswith("; give checkpoint=<path>") and "trainer.resume" not in str(refused.value)
     runs.damage_in_middle(last)
+    # Evaluating the last weights of the run, as resuming it, takes those kept before a damaged last.pt.
+    peek = tmp_path / "peek"
+    shutil.copytree(run_dir, peek)
+    with caplog.at_level("WARNING", logger="resnet_lab"):
+        evaluated = evaluate_command.main([str(peek)])
+    kept = peek / rundir.CHECKPOINTS / rundir.PREVIOUS
+    assert evaluated["weights"] == str(kept) and 0 <= evaluated["accuracy"] <= 1
+    said = [r.getMessage() for r in caplog.records if "kept before it" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(f"; using the checkpoint kept before it, {kept} (epoch {EPOCHS} step 0)")
+    caplog.clear()
     with caplog.at_level("WARNING", logger="resnet_lab"):
         train(tiny_cfg(*args), run_dir)
     said = [r.getMessage() for r in caplog.records if "kept before it" in r.getMessage()]

@@ -107,12 +107,18 @@ def weights_file(run_dir: Path, choice: str) -> Path:
     if choice not in CHECKPOINTS:
         return weights.find(Path(choice))
     path = run_dir / rundir.CHECKPOINTS / CHECKPOINTS[choice]
+    there = [name for name, file in CHECKPOINTS.items() if name != choice and (path.parent / file).is_file()]
+    instead = ", ".join(f"checkpoint={name}" for name in there) + (" or " if there else "")
     if not path.is_file():
-        there = [name for name, file in CHECKPOINTS.items() if (path.parent / file).is_file()]
-        instead = ", ".join(f"checkpoint={name}" for name in there) + (" or " if there else "")
         raise UserError(f"{run_dir}: no {rundir.CHECKPOINTS}/{path.name} ({WHY_ABSENT[choice]}); "
                         f"give {instead}checkpoint=<path>")
-    return path
+    if choice != "last":
+        return path
+    try:
+        # As a resume does: a last.pt that fails its check gives way to the checkpoint kept before it.
+        return checkpoint.load_good(path, use="using")[1]
+    except checkpoint.Damaged as damaged:
+        raise UserError(f"{damaged.reason}; give {instead}checkpoint=<path>") from None
 
 
 def load(run_dir: Path, choice: str, overrides: Sequence[str]) -> Trained:
@@ -145,11 +151,14 @@ def _short(classes: List[str]) -> str:
 
 
 def _saved_classes(run_dir: Path) -> Optional[List[str]]:
-    """The class names the run trained with: its last checkpoint's, or its final report's (a
-    checkpoint from before they were kept there); None where neither has them."""
-    last = rundir.last(run_dir)
-    if last.is_file():
-        classes = checkpoint.load(last).get("classes")
+    """The class names the run trained with: its last good checkpoint's (last.pt, else
+    previous.pt), or its final report's (a checkpoint from before they were kept there); None
+    where neither has them."""
+    for path in (rundir.last(run_dir), rundir.last(run_dir).with_name(rundir.PREVIOUS)):
+        try:
+            classes = checkpoint.load(path).get("classes") if path.is_file() else None
+        except checkpoint.Damaged:  # best.pt can be evaluated without it
+            continue
         if classes is not None:
             return classes
     final = run_dir / rundir.EVAL / rundir.FINAL

@@ -94,9 +94,10 @@ def load(path: Path) -> Dict:
     return state
 
 
-def load_good(path: Path) -> Tuple[Dict, Path]:
+def load_good(path: Path, use: str = "resuming from") -> Tuple[Dict, Path]:
     """The checkpoint at `path`, and the path it was read from: when `path` is a last.pt that
-    fails its check, the checkpoint kept before it (previous.pt) if that one passes, saying so."""
+    fails its check, the checkpoint kept before it (previous.pt) if that one passes, saying so
+    (`use`: what the caller does with it)."""
     try:
         return load(path), path
     except Damaged as damaged:
@@ -107,7 +108,7 @@ def load_good(path: Path) -> Tuple[Dict, Path]:
             state = load(previous)
         except UserError:
             raise damaged from None
-        log.warning(f"{damaged.reason}; resuming from the checkpoint kept before it, {previous} "
+        log.warning(f"{damaged.reason}; {use} the checkpoint kept before it, {previous} "
                     f"(epoch {state['epoch']} step {state['step']})")
         return state, previous
 
