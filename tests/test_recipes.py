@@ -416,7 +416,7 @@ def test_each_preset_composes_and_trains_a_few_steps(preset, cifar_root, fmnist_
     train(cfg, tmp_path)
     row, = metrics(tmp_path)
     assert row["epoch"] == 1 and 0 <= row["test_acc"] <= 1 and math.isfinite(row["train_loss"])
-    # The speed presets compile their network: that path trained here, not an eager stand-in.
+    # A preset that compiles its network trains compiled here, not an eager stand-in.
     compiled = json.loads((tmp_path / "runtime.json").read_text())["compile"]
     assert compiled == (probe.device.compile_mode if probe.device.compile else False)
     trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["config"]
