@@ -68,11 +68,11 @@ def test_image_folder_decoders_are_timed_side_by_side_on_the_same_pixels(fmnist_
 
 def time_to_accuracy(python, root, out, *args, **run):
     """The benchmark at a tiny size: the script's network at width 4, 2 batches of 32 per epoch;
-    the preset at width 4, 2 batches an epoch, eager (compiling the presets is test_recipes')."""
+    the preset at width 4, 2 batches an epoch."""
     return subprocess.run(
         [python, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--root", str(root), "--device", "cpu",
          "--json", str(out), "--batch-size", "32", "--width", "4", "--batches", "2", *args, "model.width=4",
-         "trainer.batch_size=32", "trainer.limit_train_batches=2", "device.compile=false"],
+         "trainer.batch_size=32", "trainer.limit_train_batches=2"],
         capture_output=True, text=True, timeout=300, **run)
 
 
